@@ -1,0 +1,329 @@
+//! The Redis backend: every operation is one of the Lua scripts in `lua/`,
+//! run atomically by SHA over one multiplexed, reconnecting connection.
+//!
+//! Wake-ups ride the same connection: it speaks RESP3, so pub/sub messages
+//! arrive as pushes while commands keep flowing, and the connection manager
+//! resubscribes after a reconnect. A reconnect may have lost messages, so it
+//! tells every local waiter to ask the store again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{PushInfo, PushKind, Value};
+
+use super::{
+    Backend, Fault, Issued, Polled, Record, ReleaseMode, Released, Result, Subscription, TicketRef,
+    Updated,
+};
+use crate::keys::KeySpace;
+use crate::notify::{Notice, Notifier};
+use crate::scripts::{self, Script};
+use crate::ticket::{Ticket, TicketLock};
+
+/// The Redis backend; cloning shares the connection.
+#[derive(Clone)]
+pub(crate) struct RedisBackend {
+    conn: ConnectionManager,
+    keys: KeySpace,
+    notifier: Arc<Notifier>,
+}
+
+impl std::fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("keys", &self.keys)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBackend {
+    /// Connects; `client` must be configured for RESP3.
+    pub(crate) async fn connect(
+        client: redis::Client,
+        keys: KeySpace,
+        socket_timeout: Duration,
+    ) -> redis::RedisResult<Self> {
+        let notifier = Arc::new(Notifier::default());
+        let pushes = notifier.clone();
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(socket_timeout))
+            .set_response_timeout(Some(socket_timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(2))
+            .set_automatic_resubscription()
+            .set_push_sender(move |push: PushInfo| {
+                forward(&pushes, push);
+                Ok::<(), std::convert::Infallible>(())
+            });
+        let conn = client.get_connection_manager_with_config(config).await?;
+        Ok(RedisBackend {
+            conn,
+            keys,
+            notifier,
+        })
+    }
+
+    async fn run(&self, script: &Script, cid: &str, args: &[String]) -> Result<Vec<i64>> {
+        let keys = self.keys.all(cid);
+        let mut conn = self.conn.clone();
+        let reply = script.run(&mut conn, &keys, args).await?;
+        integers(script.name, reply)
+    }
+}
+
+/// Routes a pub/sub push to the waiters of its channel.
+fn forward(notifier: &Notifier, push: PushInfo) {
+    match push.kind {
+        PushKind::Message => {
+            if let [Value::BulkString(channel), Value::BulkString(payload)] = push.data.as_slice() {
+                if let Ok(channel) = std::str::from_utf8(channel) {
+                    notifier.send(channel, Notice::parse(payload));
+                }
+            }
+        }
+        PushKind::Disconnection => notifier.send_all(Notice::Recheck),
+        _ => {}
+    }
+}
+
+fn integers(script: &str, reply: Value) -> Result<Vec<i64>> {
+    redis::from_redis_value(reply).map_err(|e| {
+        Fault::Reply(format!(
+            "{script}.lua replied with something else than integers: {e}"
+        ))
+    })
+}
+
+fn shape(script: &str, reply: &[i64]) -> Fault {
+    Fault::Reply(format!(
+        "{script}.lua replied {reply:?}, which does not match its contract"
+    ))
+}
+
+fn ms(value: i64) -> Option<Duration> {
+    u64::try_from(value).ok().map(Duration::from_millis)
+}
+
+fn number(value: i64) -> Option<u64> {
+    u64::try_from(value).ok()
+}
+
+fn epoch_arg(ticket: TicketRef) -> String {
+    ticket.epoch.map(|e| e.to_string()).unwrap_or_default()
+}
+
+/// lua/issue.lua's reply: { ticket, epoch, now_serving, head_remaining_ms }.
+pub(crate) fn decode_issue(reply: &[i64]) -> Result<Issued> {
+    match *reply {
+        [ticket, epoch, now_serving, head] if ticket >= 0 && epoch >= 0 && now_serving >= 0 => {
+            Ok(Issued {
+                ticket: ticket as u64,
+                epoch: epoch as u64,
+                now_serving: now_serving as u64,
+                head_remaining: ms(head),
+            })
+        }
+        _ => Err(shape("issue", reply)),
+    }
+}
+
+/// lua/poll.lua's reply: { status, now_serving, ahead, head_remaining_ms, own_remaining_ms }.
+pub(crate) fn decode_poll(reply: &[i64]) -> Result<Polled> {
+    match *reply {
+        [1, _, _, _, _] => Ok(Polled::Served),
+        [-1, _, _, _, _] => Ok(Polled::Gone),
+        [0, _, ahead, head, own] if ahead >= 0 && own >= 0 => Ok(Polled::Waiting {
+            ahead: ahead as u64,
+            head_remaining: ms(head),
+            own_remaining: Duration::from_millis(own as u64),
+        }),
+        _ => Err(shape("poll", reply)),
+    }
+}
+
+/// lua/release.lua's reply: { removed, now_serving }.
+pub(crate) fn decode_release(reply: &[i64]) -> Result<Released> {
+    match *reply {
+        [removed @ (0 | 1), now_serving] => Ok(Released {
+            removed: removed == 1,
+            now_serving: number(now_serving),
+        }),
+        _ => Err(shape("release", reply)),
+    }
+}
+
+/// lua/read.lua's reply: { exists, next, epoch, live, number, remaining_ms, ... }.
+pub(crate) fn decode_read(reply: &[i64]) -> Result<Option<Record>> {
+    match reply {
+        [0] => Ok(None),
+        [1, next, epoch, live, rest @ ..]
+            if *next >= 0 && *epoch >= 0 && *live >= 0 && rest.len() % 2 == 0 =>
+        {
+            let tickets = rest
+                .chunks_exact(2)
+                .map(|pair| match (number(pair[0]), ms(pair[1])) {
+                    (Some(n), Some(left)) => Ok(Ticket::new(n, left)),
+                    _ => Err(shape("read", reply)),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Some(Record {
+                next: *next as u64,
+                epoch: *epoch as u64,
+                live: *live as u64,
+                tickets,
+            }))
+        }
+        _ => Err(shape("read", reply)),
+    }
+}
+
+/// lua/update.lua's reply: { pruned, now_serving }.
+pub(crate) fn decode_update(reply: &[i64]) -> Result<Updated> {
+    match *reply {
+        [pruned, now_serving] if pruned >= 0 => Ok(Updated {
+            pruned: pruned as u64,
+            now_serving: number(now_serving),
+        }),
+        _ => Err(shape("update", reply)),
+    }
+}
+
+/// lua/save.lua's reply: { now_serving }; lua/delete.lua's: { existed }.
+fn decode_single(script: &str, reply: &[i64]) -> Result<i64> {
+    match *reply {
+        [value] => Ok(value),
+        _ => Err(shape(script, reply)),
+    }
+}
+
+impl Backend for RedisBackend {
+    async fn issue(&self, cid: &str, lifetime_ms: u64) -> Result<Issued> {
+        decode_issue(
+            &self
+                .run(&scripts::ISSUE, cid, &[lifetime_ms.to_string()])
+                .await?,
+        )
+    }
+
+    async fn poll(&self, cid: &str, ticket: TicketRef) -> Result<Polled> {
+        let args = [ticket.number.to_string(), epoch_arg(ticket)];
+        decode_poll(&self.run(&scripts::POLL, cid, &args).await?)
+    }
+
+    async fn release(&self, cid: &str, ticket: TicketRef, mode: ReleaseMode) -> Result<Released> {
+        let args = [
+            ticket.number.to_string(),
+            mode.as_str().to_owned(),
+            epoch_arg(ticket),
+        ];
+        decode_release(&self.run(&scripts::RELEASE, cid, &args).await?)
+    }
+
+    async fn read(&self, cid: &str, limit: Option<u64>) -> Result<Option<Record>> {
+        let limit = limit.map_or("-1".to_owned(), |l| l.to_string());
+        decode_read(&self.run(&scripts::READ, cid, &[limit]).await?)
+    }
+
+    async fn save(&self, lock: &TicketLock) -> Result<Option<u64>> {
+        let mut args = Vec::with_capacity(1 + 2 * lock.tickets().len());
+        args.push(lock.next_number().to_string());
+        for t in lock.tickets() {
+            args.push(t.number().to_string());
+            // Round up like lifetimes do: a positive remainder never becomes "expired".
+            args.push(t.expires_in().as_nanos().div_ceil(1_000_000).to_string());
+        }
+        let reply = self
+            .run(&scripts::SAVE, lock.conversation_id(), &args)
+            .await?;
+        Ok(number(decode_single("save", &reply)?))
+    }
+
+    async fn delete(&self, cid: &str) -> Result<bool> {
+        Ok(decode_single("delete", &self.run(&scripts::DELETE, cid, &[]).await?)? == 1)
+    }
+
+    async fn update(&self, cid: &str) -> Result<Updated> {
+        decode_update(&self.run(&scripts::UPDATE, cid, &[]).await?)
+    }
+
+    async fn subscribe(&self, cid: &str) -> Result<Subscription> {
+        let channel = self.keys.meta(cid);
+        let (notices, server) = self.notifier.join(&channel);
+        // Built before the first await, so a cancelled subscribe still leaves.
+        let subscription = Subscription {
+            notices,
+            on_drop: Some(Box::new({
+                let notifier = self.notifier.clone();
+                let conn = self.conn.clone();
+                let channel = channel.clone();
+                let server = server.clone();
+                move || leave(notifier, conn, channel, server)
+            })),
+        };
+        let mut subscribed = server.lock().await;
+        if !*subscribed {
+            self.conn.clone().subscribe(&channel).await?;
+            *subscribed = true;
+        }
+        drop(subscribed);
+        Ok(subscription)
+    }
+}
+
+/// The last local listener of a channel unsubscribes, in the background.
+/// Subscribe and unsubscribe both hold the channel's server lock and look at
+/// the listener count under it, so the server ends up subscribed exactly
+/// when someone listens.
+fn leave(
+    notifier: Arc<Notifier>,
+    mut conn: ConnectionManager,
+    channel: String,
+    server: Arc<tokio::sync::Mutex<bool>>,
+) {
+    if !notifier.leave(&channel) {
+        return;
+    }
+    // Without a runtime the subscription simply stays; it costs the server a
+    // few bytes and is dropped with the connection.
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let mut subscribed = server.lock().await;
+        if notifier.is_idle(&channel) {
+            if *subscribed {
+                // A failure leaves a stray subscription whose messages nobody reads.
+                let _ = conn.unsubscribe(&channel).await;
+                *subscribed = false;
+            }
+            notifier.forget_if_idle(&channel);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_that_break_the_contract_are_errors_not_panics() {
+        assert!(decode_issue(&[]).is_err());
+        assert!(decode_issue(&[-1, 0, 0, 0]).is_err());
+        assert!(decode_poll(&[7, 0, 0, 0, 0]).is_err());
+        assert!(decode_poll(&[0, 0, -3, 0, 5]).is_err());
+        assert!(decode_release(&[2, 0]).is_err());
+        assert!(decode_read(&[1, 0, 0, 0, 5]).is_err());
+        assert!(decode_read(&[1, 0, 0, 1, -5, 3]).is_err());
+        assert!(decode_update(&[-1, 0]).is_err());
+        assert_eq!(decode_read(&[0]).unwrap(), None);
+        assert_eq!(
+            decode_poll(&[0, 3, 2, 10, 50]).unwrap(),
+            Polled::Waiting {
+                ahead: 2,
+                head_remaining: Some(Duration::from_millis(10)),
+                own_remaining: Duration::from_millis(50)
+            }
+        );
+    }
+}

@@ -1,0 +1,72 @@
+//! Redis key names of a conversation (the layout lua/common.lua documents).
+
+/// Key names under one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct KeySpace {
+    prefix: String,
+}
+
+impl KeySpace {
+    /// `prefix` is already validated: `lock:` or `<alphanumeric>:lock:`.
+    pub(crate) fn new(prefix: String) -> Self {
+        KeySpace { prefix }
+    }
+
+    /// `<prefix>{<id>}`: the meta hash, and also the wake-up channel's name.
+    ///
+    /// The id is the hash tag, so all of a conversation's keys share one
+    /// Redis Cluster slot. `%`, `{` and `}` are percent-encoded: a brace in the
+    /// id would otherwise end the tag early (an id starting with `}` would
+    /// even give an empty tag and scatter the keys), and the encoding is
+    /// one-to-one, so two ids never share a key.
+    pub(crate) fn meta(&self, conversation_id: &str) -> String {
+        let mut key = String::with_capacity(self.prefix.len() + conversation_id.len() + 2);
+        key.push_str(&self.prefix);
+        key.push('{');
+        for c in conversation_id.chars() {
+            match c {
+                '%' => key.push_str("%25"),
+                '{' => key.push_str("%7B"),
+                '}' => key.push_str("%7D"),
+                c => key.push(c),
+            }
+        }
+        key.push('}');
+        key
+    }
+
+    /// KEYS for every script: meta, queue, expiry.
+    pub(crate) fn all(&self, conversation_id: &str) -> [String; 3] {
+        let meta = self.meta(conversation_id);
+        let queue = format!("{meta}:q");
+        let expiry = format!("{meta}:e");
+        [meta, queue, expiry]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_become_one_hash_tag() {
+        let keys = KeySpace::new("lock:".into());
+        assert_eq!(
+            keys.all("conv-1"),
+            ["lock:{conv-1}", "lock:{conv-1}:q", "lock:{conv-1}:e"].map(String::from)
+        );
+        assert_eq!(keys.meta("}a{b%"), "lock:{%7Da%7Bb%25}");
+        assert_eq!(keys.meta("a:b*?[x] é"), "lock:{a:b*?[x] é}");
+    }
+
+    #[test]
+    fn distinct_ids_never_share_a_key() {
+        let keys = KeySpace::new("lock:".into());
+        let ids = ["a", "a}", "a%7D", "%", "%25", "{", "a}:q", "a:q", "}"];
+        let mut all: Vec<String> = ids.iter().flat_map(|id| keys.all(id)).collect();
+        let n = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), n);
+    }
+}

@@ -1,0 +1,26 @@
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    clippy::future_not_send
+)]
+
+mod backend;
+mod config;
+mod error;
+mod keys;
+mod notify;
+mod options;
+mod scripts;
+mod store;
+mod ticket;
+mod validate;
+
+pub use crate::config::{StoreConfig, StoreType, DEFAULT_DB, DEFAULT_PORT, DEFAULT_SOCKET_TIMEOUT};
+pub use crate::error::LockError;
+pub use crate::options::{LockOptions, DEFAULT_LIFETIME, DEFAULT_WAIT_TIME, LIFETIME_ENV};
+pub use crate::store::{LockGuard, LockStore};
+pub use crate::ticket::{Ticket, TicketLock};
+pub use crate::validate::{DEFAULT_KEY_PREFIX, MAX_CONVERSATION_ID_LEN, MAX_LIFETIME};

@@ -1,0 +1,110 @@
+//! Per-call options of [`LockStore::lock_with`](crate::LockStore::lock_with).
+
+use std::time::Duration;
+
+use crate::error::LockError;
+use crate::validate;
+
+/// A ticket's lifetime when nothing else is configured (Rasa's default).
+pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(60);
+/// How often a waiter asks the store when no wake-up arrived. Wake-ups hand
+/// the lock over; this poll is only the safety net for a lost message.
+pub const DEFAULT_WAIT_TIME: Duration = Duration::from_secs(1);
+/// Environment variable overriding [`DEFAULT_LIFETIME`], in seconds (fractions allowed).
+pub const LIFETIME_ENV: &str = "TICKET_LOCK_LIFETIME";
+
+/// How to take a lock. Unset values fall back to the store's defaults.
+///
+/// ```
+/// use std::time::Duration;
+/// use ticketlock::LockOptions;
+///
+/// let options = LockOptions::default()
+///     .with_lifetime(Duration::from_secs(30))
+///     .with_wait_time(Duration::from_millis(250))
+///     .with_timeout(Duration::from_secs(5));
+/// assert_eq!(options.timeout(), Some(Duration::from_secs(5)));
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LockOptions {
+    lifetime: Option<Duration>,
+    wait_time: Option<Duration>,
+    timeout: Option<Duration>,
+}
+
+impl LockOptions {
+    /// How long the ticket lives from when it is issued, waiting included; an
+    /// expired ticket is never served. Default: the store's
+    /// ([`DEFAULT_LIFETIME`] or `TICKET_LOCK_LIFETIME`).
+    pub fn with_lifetime(mut self, lifetime: Duration) -> Self {
+        self.lifetime = Some(lifetime);
+        self
+    }
+
+    /// Longest pause between two checks of the queue when no wake-up arrives
+    /// (default [`DEFAULT_WAIT_TIME`]). Hand-over does not wait for it.
+    pub fn with_wait_time(mut self, wait_time: Duration) -> Self {
+        self.wait_time = Some(wait_time);
+        self
+    }
+
+    /// Give up after this long, give the ticket back and return
+    /// [`LockError::Timeout`]. Default: no timeout; the wait still ends when
+    /// the ticket expires.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// The lifetime set, if any.
+    pub fn lifetime(&self) -> Option<Duration> {
+        self.lifetime
+    }
+
+    /// The wait time set, if any.
+    pub fn wait_time(&self) -> Option<Duration> {
+        self.wait_time
+    }
+
+    /// The timeout set, if any.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+
+    pub(crate) fn resolve(&self, default_lifetime: Duration) -> Result<Resolved, LockError> {
+        let lifetime = self.lifetime.unwrap_or(default_lifetime);
+        let wait_time = self.wait_time.unwrap_or(DEFAULT_WAIT_TIME);
+        if wait_time.is_zero() {
+            return Err(LockError::invalid(
+                "wait time",
+                "it must be greater than zero",
+            ));
+        }
+        Ok(Resolved {
+            lifetime_ms: validate::lifetime_ms(lifetime, "lifetime")?,
+            wait_time,
+            timeout: self.timeout,
+        })
+    }
+}
+
+/// Options checked and filled in.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Resolved {
+    pub(crate) lifetime_ms: u64,
+    pub(crate) wait_time: Duration,
+    pub(crate) timeout: Option<Duration>,
+}
+
+/// The default lifetime: `TICKET_LOCK_LIFETIME` when set, else [`DEFAULT_LIFETIME`].
+/// An unparsable value is an error, never a silent fallback.
+pub(crate) fn lifetime_from_env() -> Result<Duration, LockError> {
+    match std::env::var(LIFETIME_ENV) {
+        Ok(text) => validate::seconds_text(&text, "TICKET_LOCK_LIFETIME"),
+        Err(std::env::VarError::NotPresent) => Ok(DEFAULT_LIFETIME),
+        Err(std::env::VarError::NotUnicode(_)) => Err(LockError::invalid(
+            "TICKET_LOCK_LIFETIME",
+            "it is not valid unicode",
+        )),
+    }
+}
