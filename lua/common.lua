@@ -13,8 +13,10 @@
 --   KEYS[2] queue  ZSET  <prefix>{<id>}:q  member = ticket number, score = ticket number
 --   KEYS[3] expiry ZSET  <prefix>{<id>}:e  member = ticket number, score = expiry (ms, Redis TIME)
 -- Wake-ups are PUBLISHed on the channel named like the meta key, as
--- "<epoch> <number>": the ticket now served, or -1 when the queue emptied or
--- the record was replaced or deleted.
+-- "<epoch> <serving>" or "<epoch> <serving> <removed>": the ticket now served
+-- (-1 when the queue emptied or the record was deleted) and, when a ticket
+-- other than the served one was removed, its number, so its waiter learns at
+-- once that it is gone.
 --
 -- Invariants every script keeps:
 --   * the ticket served is the lowest live number (strict FIFO);
@@ -97,9 +99,12 @@ local function touch(meta, queue, expiry)
 end
 
 -- Tell the waiters who is served now, so the new head's waiter need not ask.
--- `quiet` is the ticket whose caller learns the head from this reply anyway.
-local function announce(meta, epoch, before, after, quiet)
-  if after ~= before and after ~= quiet then
+-- `quiet` is the ticket whose caller learns the head from this reply anyway;
+-- `removed` a waiting ticket taken out by someone, whose waiter must be told.
+local function announce(meta, epoch, before, after, quiet, removed)
+  if removed then
+    redis.call('PUBLISH', meta, epoch .. ' ' .. after .. ' ' .. removed)
+  elseif after ~= before and after ~= quiet then
     redis.call('PUBLISH', meta, epoch .. ' ' .. after)
   end
 end

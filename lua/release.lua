@@ -14,8 +14,9 @@
 --   removed      1 if the ticket was there and is gone now, else 0
 --   now_serving  number served now, -1 if none
 --
--- Keeps: remove our ticket and prune before publishing, or the next waiter
--- would be told a stale head; the announcement names the new head.
+-- Keeps: remove the ticket and prune before publishing, or the next waiter
+-- would be told a stale head; the announcement names the new head, and the
+-- removed ticket when it was a waiting one.
 
 local meta, queue, expiry = KEYS[1], KEYS[2], KEYS[3]
 local ticket = integer_arg(ARGV[1], 'ticket', 0, 9007199254740991)
@@ -42,5 +43,9 @@ if after == -1 and mode == 'cleanup' then
   return { removed, -1 }
 end
 touch(meta, queue, expiry)
-announce(meta, epoch, before, after, nil)
+-- A removed waiter (not the served ticket) is named, or it would only find
+-- out at its next check.
+local waiter = nil
+if removed == 1 and ticket ~= before then waiter = ticket end
+announce(meta, epoch, before, after, nil, waiter)
 return { removed, after }

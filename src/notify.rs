@@ -19,23 +19,36 @@ const CAPACITY: usize = 64;
 /// What a wake-up says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Notice {
-    /// In record `epoch`, ticket `ticket` is served now.
-    Serving { epoch: u64, ticket: u64 },
-    /// The queue emptied, or was replaced or deleted, or messages may have
-    /// been lost (reconnect): every waiter should ask the store.
+    /// In record `epoch`, `serving` is served now (`None`: nobody), and
+    /// `removed`, a waiting ticket, was taken out of the queue.
+    Changed {
+        epoch: u64,
+        serving: Option<u64>,
+        removed: Option<u64>,
+    },
+    /// The record was deleted, or messages may have been lost (reconnect):
+    /// every waiter should ask the store.
     Recheck,
 }
 
 impl Notice {
-    /// Decodes a Redis pub/sub payload: `"<epoch> <ticket>"`, ticket -1 for none.
+    /// Decodes a Redis pub/sub payload: `"<epoch> <serving> [<removed>]"`,
+    /// serving -1 for nobody (lua/common.lua `announce`).
     pub(crate) fn parse(payload: &[u8]) -> Notice {
         let text = std::str::from_utf8(payload).unwrap_or("");
-        let mut parts = text.split(' ');
-        match (
-            parts.next().and_then(|e| e.parse::<u64>().ok()),
-            parts.next().and_then(|t| t.parse::<u64>().ok()),
-        ) {
-            (Some(epoch), Some(ticket)) => Notice::Serving { epoch, ticket },
+        let fields: Vec<&str> = text.split(' ').collect();
+        let epoch = fields.first().and_then(|e| e.parse::<u64>().ok());
+        let serving = fields.get(1).and_then(|s| s.parse::<i64>().ok());
+        let removed = match fields.get(2) {
+            None => Ok(None),
+            Some(r) => r.parse::<u64>().map(Some),
+        };
+        match (epoch, serving, removed, fields.len() <= 3) {
+            (Some(epoch), Some(serving), Ok(removed), true) => Notice::Changed {
+                epoch,
+                serving: u64::try_from(serving).ok(),
+                removed,
+            },
             _ => Notice::Recheck,
         }
     }
@@ -131,14 +144,16 @@ mod tests {
 
     #[test]
     fn payloads_decode_to_notices() {
-        assert_eq!(
-            Notice::parse(b"17 4"),
-            Notice::Serving {
-                epoch: 17,
-                ticket: 4
-            }
-        );
-        assert_eq!(Notice::parse(b"17 -1"), Notice::Recheck);
+        let changed = |serving, removed| Notice::Changed {
+            epoch: 17,
+            serving,
+            removed,
+        };
+        assert_eq!(Notice::parse(b"17 4"), changed(Some(4), None));
+        assert_eq!(Notice::parse(b"17 -1"), changed(None, None));
+        assert_eq!(Notice::parse(b"17 4 9"), changed(Some(4), Some(9)));
+        assert_eq!(Notice::parse(b"17 4 9 1"), Notice::Recheck);
+        assert_eq!(Notice::parse(b"17 4 x"), Notice::Recheck);
         assert_eq!(Notice::parse(b"garbage"), Notice::Recheck);
         assert_eq!(Notice::parse(&[0xff, 0xfe]), Notice::Recheck);
     }

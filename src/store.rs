@@ -452,16 +452,21 @@ impl LockStore {
                     }
                 };
                 match notice {
-                    Some(Ok(Notice::Serving { epoch, ticket })) if Some(epoch) == me.epoch => {
-                        // The script that sent this had just decided who is
-                        // served: if it is us, no need to ask again.
-                        if ticket == me.number {
-                            return Ok(());
+                    Some(Ok(Notice::Changed {
+                        epoch,
+                        serving,
+                        removed,
+                    })) if Some(epoch) == me.epoch => {
+                        if removed == Some(me.number) {
+                            break; // someone removed our ticket: ask to be sure
                         }
-                        if ticket < me.number {
-                            continue; // still behind; keep waiting
+                        match serving {
+                            // The script that sent this had just decided who
+                            // is served: if it is us, no need to ask again.
+                            Some(head) if head == me.number => return Ok(()),
+                            Some(head) if head < me.number => continue, // still behind
+                            _ => break, // passed over or emptied: ask whether we are gone
                         }
-                        break; // passed over: ask whether we are gone
                     }
                     Some(Ok(_)) | Some(Err(RecvError::Lagged(_))) => break,
                     Some(Err(RecvError::Closed)) => {

@@ -83,13 +83,13 @@ fn announce(
     before: Option<u64>,
     after: Option<u64>,
     quiet: Option<u64>,
+    removed: Option<u64>,
 ) -> Option<Notice> {
-    if after == before || (after.is_some() && after == quiet) {
-        return None;
-    }
-    Some(match after {
-        Some(ticket) => Notice::Serving { epoch, ticket },
-        None => Notice::Recheck,
+    let head_moved = after != before && (after.is_none() || after != quiet);
+    (removed.is_some() || head_moved).then_some(Notice::Changed {
+        epoch,
+        serving: after,
+        removed,
     })
 }
 
@@ -179,7 +179,7 @@ impl State {
             now_serving: after,
             head_remaining: c.remaining(after, now),
         };
-        let notice = announce(c.epoch, before, Some(after), Some(ticket));
+        let notice = announce(c.epoch, before, Some(after), Some(ticket), None);
         self.refile(cid, keys_before);
         (reply, notice)
     }
@@ -197,7 +197,7 @@ impl State {
         let before = c.head();
         c.prune(now);
         let after = c.head();
-        let notice = announce(c.epoch, before, after, Some(ticket.number));
+        let notice = announce(c.epoch, before, after, Some(ticket.number), None);
         let own = c.remaining(ticket.number, now);
         let polled = match own {
             Some(_) if ticket.epoch.is_some_and(|e| e != c.epoch) => Polled::Gone,
@@ -245,7 +245,8 @@ impl State {
         }
         let keys_before = Some(c.keys_expire);
         c.touch();
-        let notice = announce(c.epoch, before, after, None);
+        let waiter = (removed && before != Some(ticket.number)).then_some(ticket.number);
+        let notice = announce(c.epoch, before, after, None, waiter);
         self.refile(cid, keys_before);
         (
             Released {
@@ -322,7 +323,7 @@ impl State {
         c.next = c.next.max(next_min);
         c.touch();
         let after = c.head();
-        let notice = announce(c.epoch, before, after, None);
+        let notice = announce(c.epoch, before, after, None, None);
         self.refile(cid, keys_before);
         (after, notice)
     }
@@ -355,7 +356,7 @@ impl State {
                 pruned,
                 now_serving: after,
             },
-            announce(c.epoch, before, after, None),
+            announce(c.epoch, before, after, None, None),
         )
     }
 

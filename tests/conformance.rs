@@ -1,0 +1,829 @@
+//! One suite, two backends: every case runs against the in-memory store and
+//! against a real `redis-server` (started by `support`), which is what proves
+//! the Lua scripts and the in-memory state machine keep the same rules.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ticketlock::{LockError, LockOptions, LockStore, StoreConfig, Ticket, TicketLock};
+
+/// "Promptly": far below the wait times and lifetimes the cases configure, so
+/// a case only passes if wake-ups (not polls or expiries) did the work.
+const PROMPT: Duration = Duration::from_secs(2);
+const LONG: Duration = Duration::from_secs(30);
+
+/// A store plus, for Redis, a way to look at its keys.
+struct Fixture {
+    store: LockStore,
+    redis: Option<(redis::Client, String)>,
+}
+
+impl Fixture {
+    async fn memory() -> Fixture {
+        Fixture {
+            store: LockStore::in_memory(),
+            redis: None,
+        }
+    }
+
+    async fn redis() -> Fixture {
+        let url = support::redis_url();
+        let prefix = support::unique_prefix("conf");
+        let mut config = StoreConfig::redis(url.clone());
+        config.key_prefix = Some(prefix.clone());
+        let store = LockStore::create(Some(&config))
+            .await
+            .expect("connect to the test redis");
+        Fixture {
+            store,
+            redis: Some((redis::Client::open(url).unwrap(), format!("{prefix}:lock:"))),
+        }
+    }
+
+    /// Every key under this fixture's prefix, with its TTL in ms.
+    async fn keys(&self) -> Vec<(String, i64)> {
+        let Some((client, prefix)) = &self.redis else {
+            return Vec::new();
+        };
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}*"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        for k in keys {
+            let ttl: i64 = redis::cmd("PTTL")
+                .arg(&k)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            out.push((k, ttl));
+        }
+        out
+    }
+
+    async fn raw(&self) -> Option<(redis::aio::MultiplexedConnection, String)> {
+        let (client, prefix) = self.redis.as_ref()?;
+        Some((
+            client.get_multiplexed_async_connection().await.unwrap(),
+            prefix.clone(),
+        ))
+    }
+
+    /// Nothing of `cid` is left: no record, and in Redis no key at all.
+    async fn assert_gone(&self, cid: &str) {
+        assert_eq!(
+            self.store.get_lock(cid).await.unwrap(),
+            None,
+            "{cid} still has a record"
+        );
+        let keys = self.keys().await;
+        assert!(keys.is_empty(), "keys left behind: {keys:?}");
+    }
+}
+
+fn opts(lifetime: Duration) -> LockOptions {
+    LockOptions::default()
+        .with_lifetime(lifetime)
+        .with_wait_time(LONG)
+}
+
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {
+        mod in_memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::Fixture::memory().await).await
+                }
+            )*
+        }
+        mod on_redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::Fixture::redis().await).await
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    numbering_starts_at_zero_and_only_goes_up,
+    waiters_are_served_in_ticket_order,
+    expired_tickets_are_left_out_and_pruned,
+    a_crashed_holder_delays_the_queue_only_until_its_lease_ends,
+    finish_keeps_the_record_and_cleanup_removes_it,
+    is_someone_waiting_counts_live_tickets,
+    snapshots_round_trip_through_save_get_update_delete,
+    a_waiter_whose_ticket_expires_gets_expired_promptly,
+    a_waiter_whose_ticket_is_removed_gets_expired_promptly,
+    a_stale_ticket_is_never_served_when_its_number_returns,
+    a_cancelled_waiter_gives_its_ticket_back,
+    a_timeout_gives_the_ticket_back,
+    release_hands_over_without_waiting_for_a_poll,
+    a_dropped_guard_releases_in_the_background,
+    critical_sections_never_overlap,
+    with_lock_releases_even_when_the_work_fails,
+    bad_input_is_a_typed_error,
+    hostile_ids_stay_apart,
+    keys_carry_ttls_and_vanish_after_release,
+);
+
+async fn numbering_starts_at_zero_and_only_goes_up(f: Fixture) {
+    let s = &f.store;
+    for expected in 0..3 {
+        assert_eq!(s.issue_ticket("n", LONG).await.unwrap(), expected);
+    }
+    // Finishing the last ticket does not make its number available again.
+    s.finish_serving("n", 2).await.unwrap();
+    assert_eq!(s.issue_ticket("n", LONG).await.unwrap(), 3);
+    for t in [0, 1, 3] {
+        s.cleanup("n", t).await.unwrap();
+    }
+    f.assert_gone("n").await;
+    // A fresh conversation starts at 0 again.
+    assert_eq!(s.issue_ticket("n", LONG).await.unwrap(), 0);
+    s.cleanup("n", 0).await.unwrap();
+}
+
+async fn waiters_are_served_in_ticket_order(f: Fixture) {
+    let s = &f.store;
+    let first = s.lock_with("fifo", opts(LONG)).await.unwrap();
+    let served = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 1..=10u64 {
+        let (s2, served) = (s.clone(), served.clone());
+        tasks.push(tokio::spawn(async move {
+            let g = s2.lock_with("fifo", opts(LONG)).await.unwrap();
+            served.lock().unwrap().push(g.ticket());
+            g.release().await.unwrap();
+        }));
+        // Arrival order is ticket order: wait until this waiter queued.
+        while s.get_lock("fifo").await.unwrap().unwrap().tickets().len() < (i + 1) as usize {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    first.release().await.unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(*served.lock().unwrap(), (1..=10).collect::<Vec<_>>());
+    f.assert_gone("fifo").await;
+}
+
+async fn expired_tickets_are_left_out_and_pruned(f: Fixture) {
+    let s = &f.store;
+    s.issue_ticket("exp", Duration::from_millis(150))
+        .await
+        .unwrap();
+    s.issue_ticket("exp", LONG).await.unwrap();
+    assert_eq!(s.get_lock("exp").await.unwrap().unwrap().tickets().len(), 2);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let lock = s.get_lock("exp").await.unwrap().unwrap();
+    assert_eq!(
+        lock.tickets()
+            .iter()
+            .map(Ticket::number)
+            .collect::<Vec<_>>(),
+        vec![1]
+    );
+    assert_eq!(lock.now_serving(), Some(1));
+    assert!(lock.is_locked(0) && !lock.is_locked(1));
+    assert_eq!(lock.last_issued(), Some(1));
+    s.cleanup("exp", 1).await.unwrap();
+    f.assert_gone("exp").await;
+}
+
+async fn a_crashed_holder_delays_the_queue_only_until_its_lease_ends(f: Fixture) {
+    let s = &f.store;
+    let holder = s
+        .lock_with("crash", opts(Duration::from_millis(300)))
+        .await
+        .unwrap();
+    // A crashed process never releases: forget the guard without running its drop.
+    std::mem::forget(holder);
+    let start = Instant::now();
+    let g = s.lock_with("crash", opts(LONG)).await.unwrap();
+    let waited = start.elapsed();
+    assert_eq!(g.ticket(), 1);
+    assert!(
+        waited >= Duration::from_millis(250),
+        "served before the lease ended: {waited:?}"
+    );
+    assert!(
+        waited < PROMPT,
+        "served {waited:?} after the lease ended (wait_time is {LONG:?})"
+    );
+    g.release().await.unwrap();
+    f.assert_gone("crash").await;
+}
+
+async fn finish_keeps_the_record_and_cleanup_removes_it(f: Fixture) {
+    let s = &f.store;
+    let a = s.issue_ticket("fin", LONG).await.unwrap();
+    let b = s.issue_ticket("fin", LONG).await.unwrap();
+    s.finish_serving("fin", a).await.unwrap();
+    let lock = s.get_lock("fin").await.unwrap().unwrap();
+    assert_eq!(lock.now_serving(), Some(b));
+    s.finish_serving("fin", b).await.unwrap();
+    let lock = s
+        .get_lock("fin")
+        .await
+        .unwrap()
+        .expect("finish keeps the record");
+    assert!(lock.tickets().is_empty());
+    assert_eq!(lock.last_issued(), Some(b));
+    assert_eq!(s.issue_ticket("fin", LONG).await.unwrap(), b + 1);
+    // Cleanup with someone still queued keeps the record...
+    let d = s.issue_ticket("fin", LONG).await.unwrap();
+    s.cleanup("fin", b + 1).await.unwrap();
+    assert_eq!(
+        s.get_lock("fin").await.unwrap().unwrap().now_serving(),
+        Some(d)
+    );
+    // ...and removes it with the last ticket.
+    s.cleanup("fin", d).await.unwrap();
+    f.assert_gone("fin").await;
+    // Removing a ticket that does not exist is harmless.
+    s.cleanup("fin", 99).await.unwrap();
+    s.finish_serving("fin", 99).await.unwrap();
+    f.assert_gone("fin").await;
+}
+
+async fn is_someone_waiting_counts_live_tickets(f: Fixture) {
+    let s = &f.store;
+    assert!(!s.is_someone_waiting("w").await.unwrap());
+    let t = s
+        .issue_ticket("w", Duration::from_millis(150))
+        .await
+        .unwrap();
+    assert!(s.is_someone_waiting("w").await.unwrap());
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(!s.is_someone_waiting("w").await.unwrap());
+    s.cleanup("w", t).await.unwrap();
+    f.assert_gone("w").await;
+}
+
+async fn snapshots_round_trip_through_save_get_update_delete(f: Fixture) {
+    let s = &f.store;
+    assert_eq!(s.get_lock("rt").await.unwrap(), None);
+    let empty = s.get_or_create_lock("rt").await.unwrap();
+    assert_eq!(empty, LockStore::create_lock("rt"));
+    // An empty lock needs no storage.
+    s.save_lock(&empty).await.unwrap();
+    f.assert_gone("rt").await;
+
+    let mut lock = TicketLock::new("rt");
+    for _ in 0..5 {
+        lock.issue_ticket(LONG);
+    }
+    lock.remove_ticket_for(0);
+    lock.remove_ticket_for(2);
+    s.save_lock(&lock).await.unwrap();
+    let got = s.get_or_create_lock("rt").await.unwrap();
+    assert_eq!(
+        got.tickets().iter().map(Ticket::number).collect::<Vec<_>>(),
+        vec![1, 3, 4]
+    );
+    assert_eq!(got.last_issued(), Some(4));
+    assert!(got
+        .tickets()
+        .iter()
+        .all(|t| t.expires_in() > LONG - PROMPT && t.expires_in() <= LONG));
+    // Numbers never go down, not even through save.
+    assert_eq!(s.issue_ticket("rt", LONG).await.unwrap(), 5);
+    let stale = TicketLock::new("rt");
+    s.save_lock(&stale).await.unwrap();
+    assert_eq!(s.issue_ticket("rt", LONG).await.unwrap(), 6);
+
+    // update_lock prunes expired tickets.
+    let mut short = TicketLock::new("rt2");
+    short.issue_ticket(Duration::from_millis(100));
+    short.issue_ticket(LONG);
+    s.save_lock(&short).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.update_lock("rt2").await.unwrap();
+    let pruned = s.get_lock("rt2").await.unwrap().unwrap();
+    assert_eq!(pruned.tickets().len(), 1);
+    assert_eq!(pruned.now_serving(), Some(1));
+
+    for cid in ["rt", "rt2"] {
+        s.delete_lock(cid).await.unwrap();
+        assert_eq!(s.get_lock(cid).await.unwrap(), None);
+    }
+    s.delete_lock("rt").await.unwrap();
+    f.assert_gone("rt").await;
+}
+
+async fn a_waiter_whose_ticket_expires_gets_expired_promptly(f: Fixture) {
+    let s = &f.store;
+    let holder = s.lock_with("ew", opts(LONG)).await.unwrap();
+    let start = Instant::now();
+    let err = s
+        .lock_with("ew", opts(Duration::from_millis(300)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, LockError::Expired { ticket: 1, .. }), "{err}");
+    assert!(start.elapsed() < PROMPT, "took {:?}", start.elapsed());
+    assert!(err.to_string().contains("ew"), "{err}");
+    holder.release().await.unwrap();
+    f.assert_gone("ew").await;
+}
+
+async fn a_waiter_whose_ticket_is_removed_gets_expired_promptly(f: Fixture) {
+    let s = &f.store;
+    let holder = s.lock_with("rw", opts(LONG)).await.unwrap();
+    let s2 = s.clone();
+    let waiter = tokio::spawn(async move { s2.lock_with("rw", opts(LONG)).await });
+    while s.get_lock("rw").await.unwrap().unwrap().tickets().len() < 2 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let start = Instant::now();
+    s.finish_serving("rw", 1).await.unwrap();
+    // Nothing announces a removed waiter; it must notice by itself when the
+    // head changes or its own ticket would have expired. Here the head is
+    // unchanged, so make the head change: the holder leaves.
+    holder.release().await.unwrap();
+    let err = waiter.await.unwrap().unwrap_err();
+    assert!(matches!(err, LockError::Expired { ticket: 1, .. }), "{err}");
+    assert!(start.elapsed() < PROMPT, "took {:?}", start.elapsed());
+    f.assert_gone("rw").await;
+}
+
+async fn a_stale_ticket_is_never_served_when_its_number_returns(f: Fixture) {
+    let s = &f.store;
+    let holder = s.lock_with("st", opts(LONG)).await.unwrap();
+    let s2 = s.clone();
+    let waiter = tokio::spawn(async move { s2.lock_with("st", opts(LONG)).await });
+    while s.get_lock("st").await.unwrap().unwrap().tickets().len() < 2 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // Delete the record: numbering restarts, so ticket 1 will exist again.
+    s.delete_lock("st").await.unwrap();
+    let new0 = s.lock_with("st", opts(LONG)).await.unwrap();
+    assert_eq!(new0.ticket(), 0);
+    let new1 = s.issue_ticket("st", LONG).await.unwrap();
+    assert_eq!(new1, 1);
+    let err = waiter.await.unwrap().unwrap_err();
+    assert!(matches!(err, LockError::Expired { ticket: 1, .. }), "{err}");
+    // The old holder's release must not remove the new ticket 0.
+    let err = holder.release().await.unwrap_err();
+    assert!(matches!(err, LockError::Expired { ticket: 0, .. }), "{err}");
+    assert_eq!(
+        s.get_lock("st").await.unwrap().unwrap().now_serving(),
+        Some(0)
+    );
+    new0.release().await.unwrap();
+    s.cleanup("st", new1).await.unwrap();
+    f.assert_gone("st").await;
+}
+
+async fn a_cancelled_waiter_gives_its_ticket_back(f: Fixture) {
+    let s = &f.store;
+    let holder = s.lock_with("cx", opts(LONG)).await.unwrap();
+    let cancelled =
+        tokio::time::timeout(Duration::from_millis(100), s.lock_with("cx", opts(LONG))).await;
+    assert!(
+        cancelled.is_err(),
+        "the waiter should still have been waiting"
+    );
+    let s2 = s.clone();
+    let next = tokio::spawn(async move {
+        let g = s2.lock_with("cx", opts(LONG)).await.unwrap();
+        let ticket = g.ticket();
+        g.release().await.unwrap();
+        ticket
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let start = Instant::now();
+    holder.release().await.unwrap();
+    let ticket = tokio::time::timeout(PROMPT, next)
+        .await
+        .expect("ticket 1 was not given back")
+        .unwrap();
+    assert_eq!(ticket, 2);
+    assert!(start.elapsed() < PROMPT);
+    f.assert_gone("cx").await;
+}
+
+async fn a_timeout_gives_the_ticket_back(f: Fixture) {
+    let s = &f.store;
+    let holder = s.lock_with("to", opts(LONG)).await.unwrap();
+    let start = Instant::now();
+    let err = s
+        .lock_with("to", opts(LONG).with_timeout(Duration::from_millis(200)))
+        .await
+        .unwrap_err();
+    let waited = start.elapsed();
+    assert!(matches!(err, LockError::Timeout { ticket: 1, .. }), "{err}");
+    assert!(err.is_retryable());
+    assert!(
+        waited >= Duration::from_millis(200) && waited < PROMPT,
+        "{waited:?}"
+    );
+    assert!(err.to_string().starts_with("timed out after"), "{err}");
+    let lock = s.get_lock("to").await.unwrap().unwrap();
+    assert_eq!(
+        lock.tickets()
+            .iter()
+            .map(Ticket::number)
+            .collect::<Vec<_>>(),
+        vec![0]
+    );
+    holder.release().await.unwrap();
+    f.assert_gone("to").await;
+}
+
+async fn release_hands_over_without_waiting_for_a_poll(f: Fixture) {
+    let s = &f.store;
+    let holder = s.lock_with("ho", opts(LONG)).await.unwrap();
+    let s2 = s.clone();
+    let waiter = tokio::spawn(async move {
+        let g = s2.lock_with("ho", opts(LONG)).await.unwrap();
+        let at = Instant::now();
+        g.release().await.unwrap();
+        at
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let released = Instant::now();
+    holder.release().await.unwrap();
+    let acquired = waiter.await.unwrap();
+    assert!(
+        acquired.duration_since(released) < PROMPT,
+        "{:?}",
+        acquired.duration_since(released)
+    );
+    f.assert_gone("ho").await;
+}
+
+async fn a_dropped_guard_releases_in_the_background(f: Fixture) {
+    let s = &f.store;
+    let holder = s.lock_with("dg", opts(LONG)).await.unwrap();
+    let s2 = s.clone();
+    let waiter = tokio::spawn(async move {
+        s2.lock_with("dg", opts(LONG))
+            .await
+            .unwrap()
+            .release()
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(holder);
+    tokio::time::timeout(PROMPT, waiter)
+        .await
+        .expect("drop did not release")
+        .unwrap()
+        .unwrap();
+    f.assert_gone("dg").await;
+}
+
+async fn critical_sections_never_overlap(f: Fixture) {
+    let s = &f.store;
+    let inside = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..40 {
+        let (s, inside, counter) = (s.clone(), inside.clone(), counter.clone());
+        tasks.push(tokio::spawn(async move {
+            let g = s.lock_with("ex", opts(LONG)).await.unwrap();
+            assert_eq!(
+                inside.fetch_add(1, Ordering::SeqCst),
+                0,
+                "two holders at once"
+            );
+            // A deliberately non-atomic read-modify-write.
+            let read = counter.load(Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            counter.store(read + 1, Ordering::SeqCst);
+            inside.fetch_sub(1, Ordering::SeqCst);
+            g.release().await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(counter.load(Ordering::SeqCst), 40);
+    f.assert_gone("ex").await;
+}
+
+async fn with_lock_releases_even_when_the_work_fails(f: Fixture) {
+    let s = &f.store;
+    let out: Result<Result<(), &str>, LockError> = s
+        .with_lock("wl", opts(LONG), |_| async { Err("work failed") })
+        .await;
+    assert_eq!(out.unwrap(), Err("work failed"));
+    f.assert_gone("wl").await;
+    let t = s
+        .with_lock("wl", opts(LONG), |ticket| async move { ticket })
+        .await
+        .unwrap();
+    assert_eq!(t, 0);
+    f.assert_gone("wl").await;
+}
+
+async fn bad_input_is_a_typed_error(f: Fixture) {
+    let s = &f.store;
+    let huge = "x".repeat(ticketlock::MAX_CONVERSATION_ID_LEN + 1);
+    let invalid = |r: Result<(), LockError>| matches!(r, Err(LockError::InvalidInput { .. }));
+    for cid in ["", huge.as_str()] {
+        assert!(
+            invalid(s.issue_ticket(cid, LONG).await.map(drop)),
+            "{cid:.10}"
+        );
+        assert!(invalid(s.lock(cid).await.map(drop)));
+        assert!(invalid(s.get_lock(cid).await.map(drop)));
+        assert!(invalid(s.delete_lock(cid).await));
+        assert!(invalid(s.update_lock(cid).await));
+        assert!(invalid(s.is_someone_waiting(cid).await.map(drop)));
+        assert!(invalid(s.finish_serving(cid, 0).await));
+        assert!(invalid(s.cleanup(cid, 0).await));
+        assert!(invalid(s.save_lock(&TicketLock::new(cid)).await));
+    }
+    let err = s.lock(&huge).await.unwrap_err().to_string();
+    assert!(
+        err.len() < 300,
+        "the message repeats the whole id: {} bytes",
+        err.len()
+    );
+    for lifetime in [
+        Duration::ZERO,
+        Duration::MAX,
+        ticketlock::MAX_LIFETIME + Duration::from_secs(1),
+    ] {
+        assert!(invalid(s.issue_ticket("ok", lifetime).await.map(drop)));
+        assert!(invalid(
+            s.lock_with("ok", LockOptions::default().with_lifetime(lifetime))
+                .await
+                .map(drop)
+        ));
+    }
+    assert!(invalid(
+        s.lock_with("ok", LockOptions::default().with_wait_time(Duration::ZERO))
+            .await
+            .map(drop)
+    ));
+    let mut absurd = TicketLock::new("ok");
+    absurd.issue_ticket(Duration::MAX);
+    assert!(invalid(s.save_lock(&absurd).await));
+    // Nothing was written by any of it.
+    f.assert_gone("ok").await;
+    // A sub-millisecond lifetime is rounded up, not rejected.
+    let t = s
+        .issue_ticket("ok", Duration::from_micros(10))
+        .await
+        .unwrap();
+    s.cleanup("ok", t).await.unwrap();
+}
+
+async fn hostile_ids_stay_apart(f: Fixture) {
+    let s = &f.store;
+    let ids = [
+        "a",
+        "a}",
+        "}a",
+        "{a}",
+        "a%7D",
+        "%",
+        "*",
+        "?",
+        "[x]",
+        "a:b",
+        "a:b:q",
+        "lock:{a}",
+        "with space",
+        "new\nline",
+        "nul\0byte",
+        "émoji 🙂",
+        "ключ",
+    ];
+    let mut guards = Vec::new();
+    for id in ids {
+        // Each id is a conversation of its own: all are served at once.
+        let g = tokio::time::timeout(PROMPT, s.lock_with(id, opts(LONG)))
+            .await
+            .expect(id)
+            .unwrap();
+        assert_eq!(g.ticket(), 0, "{id:?} shares a queue with another id");
+        assert_eq!(g.conversation_id(), id);
+        guards.push(g);
+    }
+    for id in ids {
+        let lock = s.get_lock(id).await.unwrap().unwrap();
+        assert_eq!(lock.tickets().len(), 1, "{id:?}");
+        assert_eq!(lock.conversation_id(), id);
+    }
+    if f.redis.is_some() {
+        assert_eq!(
+            f.keys().await.len(),
+            3 * ids.len(),
+            "three keys per conversation"
+        );
+    }
+    for g in guards {
+        g.release().await.unwrap();
+    }
+    for id in ids {
+        assert_eq!(s.get_lock(id).await.unwrap(), None, "{id:?}");
+    }
+    f.assert_gone("a").await;
+}
+
+async fn keys_carry_ttls_and_vanish_after_release(f: Fixture) {
+    let s = &f.store;
+    let lifetime = Duration::from_secs(5);
+    let g = s.lock_with("ttl", opts(lifetime)).await.unwrap();
+    s.issue_ticket("ttl", Duration::from_secs(2)).await.unwrap();
+    if f.redis.is_some() {
+        let keys = f.keys().await;
+        assert_eq!(keys.len(), 3, "{keys:?}");
+        for (key, ttl) in keys {
+            // Latest expiry (5 s) plus the 1 s margin, never longer, never unset.
+            assert!(ttl > 4000 && ttl <= 6000, "{key} has TTL {ttl} ms");
+        }
+    }
+    g.release().await.unwrap();
+    s.cleanup("ttl", 1).await.unwrap();
+    f.assert_gone("ttl").await;
+}
+
+// ---- Redis-only cases: things the in-memory store cannot have ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_foreign_data_is_reported_and_left_untouched() {
+    let f = Fixture::redis().await;
+    let (mut conn, prefix) = f.raw().await.unwrap();
+    let queue = format!("{prefix}{{bad}}:q");
+    let _: () = redis::cmd("SET")
+        .arg(&queue)
+        .arg("not a zset")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let other = f.store.lock("good").await.unwrap();
+    for result in [
+        f.store.issue_ticket("bad", LONG).await.map(drop),
+        f.store.lock("bad").await.map(drop),
+        f.store.get_lock("bad").await.map(drop),
+        f.store.cleanup("bad", 0).await,
+        f.store.save_lock(&TicketLock::new("bad")).await,
+    ] {
+        match result {
+            Err(LockError::Corrupted {
+                conversation_id,
+                detail,
+            }) => {
+                assert_eq!(conversation_id, "bad");
+                assert!(detail.contains("holds a string"), "{detail}");
+            }
+            other => panic!("expected Corrupted, got {other:?}"),
+        }
+    }
+    // The foreign value is untouched and the other conversation unaffected.
+    let value: String = redis::cmd("GET")
+        .arg(&queue)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(value, "not a zset");
+    let meta_exists: bool = redis::cmd("EXISTS")
+        .arg(format!("{prefix}{{bad}}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!meta_exists, "a failed script must not have written");
+    assert_eq!(
+        f.store
+            .get_lock("good")
+            .await
+            .unwrap()
+            .unwrap()
+            .now_serving(),
+        Some(other.ticket())
+    );
+    other.release().await.unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(&queue)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_prefixes_isolate_stores_on_one_server() {
+    let a = Fixture::redis().await;
+    let b = Fixture::redis().await;
+    let default = LockStore::from_url(&support::redis_url()).await.unwrap();
+    let ga = a.store.lock("shared-id").await.unwrap();
+    let gb = tokio::time::timeout(PROMPT, b.store.lock("shared-id"))
+        .await
+        .expect("prefixes collide")
+        .unwrap();
+    assert_eq!((ga.ticket(), gb.ticket()), (0, 0));
+    assert_eq!(default.get_lock("shared-id").await.unwrap(), None);
+    ga.release().await.unwrap();
+    assert!(b.store.get_lock("shared-id").await.unwrap().is_some());
+    gb.release().await.unwrap();
+    a.assert_gone("shared-id").await;
+    b.assert_gone("shared-id").await;
+}
+
+/// Uncontended lock + release is two round trips: one EVALSHA each, nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_uncontended_lock_and_release_cost_two_round_trips() {
+    let server = support::RedisServer::start();
+    let store = LockStore::from_url(&server.url()).await.unwrap();
+    // Warm up: the first call loads the script (NOSCRIPT, SCRIPT LOAD, retry).
+    store.lock("rt").await.unwrap().release().await.unwrap();
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        store.lock("rt").await.unwrap().release().await.unwrap();
+    }
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let calls = |cmd: &str| -> u64 {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let total: u64 = stats
+        .lines()
+        .filter(|l| l.starts_with("cmdstat_"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    assert_eq!(calls("evalsha"), 20, "{stats}");
+    // Besides the 20 EVALSHAs only this test's own CONFIG/INFO ran (and what the scripts call inside).
+    let script_inner: u64 = [
+        "time",
+        "type",
+        "zrange",
+        "zrangebyscore",
+        "hsetnx",
+        "hget",
+        "hincrby",
+        "hset",
+        "zadd",
+        "zrem",
+        "pexpireat",
+        "zscore",
+        "del",
+        "publish",
+        "zrank",
+    ]
+    .iter()
+    .map(|c| calls(c))
+    .sum();
+    assert_eq!(
+        total - script_inner - calls("config|resetstat"),
+        20,
+        "{stats}"
+    );
+    assert_eq!(calls("subscribe"), 0);
+}
+
+/// The Redis backend's futures and handles can cross threads.
+#[test]
+fn public_types_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>(_: &T) {}
+    fn send<T: Send>(_: &T) {}
+    let store = LockStore::in_memory();
+    send_sync(&store);
+    send(&store.lock("x"));
+    send(&store.lock_with("x", LockOptions::default()));
+    send(&store.issue_ticket("x", LONG));
+    send(&store.get_lock("x"));
+    send(&store.with_lock("x", LockOptions::default(), |_| async {}));
+    send(&LockStore::from_url("memory://"));
+    fn guard_is_send_sync(g: ticketlock::LockGuard) {
+        send_sync(&g);
+    }
+    let _ = guard_is_send_sync;
+    send_sync(&LockError::Expired {
+        conversation_id: String::new(),
+        ticket: 0,
+    });
+}
