@@ -351,20 +351,22 @@ impl LockStore {
         let store = self.clone();
         let owned_cid = cid.to_owned();
         tokio::spawn(async move {
-            let issued = store.backend().issue(&owned_cid, lifetime_ms).await;
-            let ticket = issued.as_ref().ok().map(|i| OwnedTicket {
-                store: store.clone(),
-                conversation_id: owned_cid.clone(),
-                ticket: TicketRef {
-                    number: i.ticket,
-                    epoch: Some(i.epoch),
-                },
-                served: i.now_serving == i.ticket,
-                armed: true,
-            });
-            let reply = issued.map(|_| ticket.expect("set when issued"));
-            // If the receiver is gone, `reply` comes back and its ticket's
-            // drop gives the ticket back.
+            let reply = store
+                .backend()
+                .issue(&owned_cid, lifetime_ms)
+                .await
+                .map(|issued| OwnedTicket {
+                    store: store.clone(),
+                    conversation_id: owned_cid.clone(),
+                    ticket: TicketRef {
+                        number: issued.ticket,
+                        epoch: Some(issued.epoch),
+                    },
+                    served: issued.now_serving == issued.ticket,
+                    armed: true,
+                });
+            // If the receiver is gone, `reply` comes back and dropping its
+            // ticket gives the ticket back.
             let _ = reply_tx.send(reply);
         });
         match reply_rx.await {
