@@ -5,11 +5,12 @@
 #   scripts/test.sh -- --nocapture  # extra args go to both `cargo test` runs
 #
 # Tests start their own redis-server processes on free loopback ports
-# (tests/support/mod.rs), so this script only makes sure the binary is
-# installed. The Debian package's own service (systemd/init, port 6379) is
-# never used or needed: whether it auto-starts on install or not makes no
-# difference. Set REDIS_URL to point the shared-server tests at an existing
-# Redis instead.
+# (tests/support/mod.rs), so this script only makes sure the binaries are
+# installed (redis-server, and openssl for the TLS tests' certificates).
+# The Debian package's own service (systemd/init, port 6379) is never used
+# or needed: whether it auto-starts on install or not makes no difference.
+# Set REDIS_URL to point the shared-server tests at an existing Redis
+# instead.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -46,6 +47,17 @@ command -v redis-server >/dev/null 2>&1 || {
     echo "redis-server is still missing after installing it" >&2
     exit 1
 }
+
+# --- openssl CLI: the TLS tests make throwaway certificates with it ----------
+if ! command -v openssl >/dev/null 2>&1; then
+    if is_root && command -v apt-get >/dev/null 2>&1; then
+        step "installing openssl (apt-get)"
+        apt_install openssl
+    else
+        echo "openssl is missing (tests/connection.rs makes TLS certificates with it): install it (Debian: sudo apt-get install -y openssl)" >&2
+        exit 1
+    fi
+fi
 
 # --- python3 + redis, only for scripts/ticketlock.py --------------------------
 if [ -f scripts/ticketlock.py ]; then

@@ -616,7 +616,8 @@ fn backend_error(conversation_id: Option<&str>, fault: Fault) -> LockError {
         },
         Fault::Redis(e) => LockError::Backend {
             conversation_id,
-            retryable: e.is_io_error()
+            retryable: !is_tls_failure(&e)
+                && e.is_io_error()
                 || e.is_timeout()
                 || e.is_connection_dropped()
                 || e.is_connection_refusal()
@@ -633,4 +634,27 @@ fn backend_error(conversation_id: Option<&str>, fault: Fault) -> LockError {
             source: Box::new(e),
         },
     }
+}
+
+/// A TLS failure (untrusted certificate, wrong name) comes as an I/O error,
+/// but retrying cannot fix it.
+fn is_tls_failure(error: &redis::RedisError) -> bool {
+    type Shared = Arc<dyn std::error::Error + Send + Sync>;
+    let is_tls = |e: &(dyn std::error::Error + 'static)| {
+        // redis keeps I/O errors behind an Arc, and io::Error::source() skips
+        // the error it wraps, so look inside both by hand.
+        let e = e.downcast_ref::<Shared>().map_or(e, |shared| &**shared as _);
+        e.is::<rustls::Error>()
+            || e.downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::get_ref)
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+    };
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if is_tls(e) {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }

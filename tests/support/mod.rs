@@ -15,6 +15,11 @@
 //!   going away, however that happens (normal exit, panic, abort, SIGKILL).
 //! * [`unique_prefix`] — alphanumeric key prefixes, unique per call and per
 //!   process, so tests sharing one server never see each other's keys.
+//! * [`RedisServer::start_with`] / [`RedisServer::start_tls`] — a private
+//!   server with extra `redis-server` arguments (`--requirepass`, ACLs, ...)
+//!   or serving TLS only, with a throwaway CA and server certificate made by
+//!   [`generate_tls_certs`] (needs the `openssl` CLI). `restart` keeps the
+//!   same arguments and certificates.
 //!
 //! If `redis-server` is not on `PATH` and `REDIS_URL` is unset, every
 //! function that needs a server panics with a message saying how to get one;
@@ -27,7 +32,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{mpsc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -40,6 +45,28 @@ pub const NO_REDIS_MESSAGE: &str = "no Redis for the tests: install redis-server
 const START_TIMEOUT: Duration = Duration::from_secs(5);
 /// How many ports to try before giving up on starting a server.
 const START_ATTEMPTS: usize = 5;
+/// What redis-server logs once it listens on every configured port.
+const READY_LINE: &str = "Ready to accept connections";
+/// Arguments the harness sets itself; `start_with` refuses them so every
+/// server stays on loopback, in its temp dir, in the foreground.
+const RESERVED_ARGS: &[&str] = &[
+    "--port",
+    "--tls-port",
+    "--bind",
+    "--dir",
+    "--daemonize",
+    "--logfile",
+    "--pidfile",
+    "--unixsocket",
+    "--tls-cert-file",
+    "--tls-key-file",
+    "--tls-ca-cert-file",
+];
+
+/// Message of the panic raised when a TLS test needs the `openssl` CLI.
+pub const NO_OPENSSL_MESSAGE: &str = "the TLS tests need the openssl CLI to make throwaway \
+     certificates: install it (Debian: apt-get install -y openssl) — or run scripts/test.sh, \
+     which installs it";
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -58,6 +85,41 @@ pub struct RedisServer {
     watchdog: Option<Child>,
     /// Pid of the last started server (kept after `stop`).
     pid: u32,
+    /// How it was launched; `restart` launches the same way.
+    launch: Launch,
+}
+
+/// How a server is launched (kept for `restart`).
+#[derive(Debug, Clone, Default)]
+struct Launch {
+    /// Extra `redis-server` arguments, after the harness's own.
+    extra_args: Vec<String>,
+    /// TLS only (`--port 0 --tls-port <port>`) with these files.
+    tls: Option<TlsFiles>,
+    /// The `--requirepass` value, if any (used by `ping`).
+    password: Option<String>,
+}
+
+impl Launch {
+    /// The original `start()`: plain port, no extra args; readiness is a
+    /// PING answered by our own pid, exactly as before.
+    fn is_plain_default(&self) -> bool {
+        self.tls.is_none() && self.extra_args.is_empty()
+    }
+}
+
+/// A throwaway CA and a server certificate for `127.0.0.1` (and
+/// `localhost`) signed by it, as PEM files (see [`generate_tls_certs`]).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The CA certificate (self-signed): trust this to verify the server.
+    pub ca_cert: PathBuf,
+    /// The CA's private key.
+    pub ca_key: PathBuf,
+    /// The server certificate (SAN `IP:127.0.0.1`, `DNS:localhost`).
+    pub cert: PathBuf,
+    /// The server certificate's private key.
+    pub key: PathBuf,
 }
 
 impl RedisServer {
@@ -66,7 +128,46 @@ impl RedisServer {
     /// `redis-server` is not installed.
     pub fn start() -> RedisServer {
         ensure_redis_server_installed();
+        Self::start_in(fresh_temp_dir(), Launch::default())
+    }
+
+    /// Like [`start`](Self::start), with `extra_args` appended to the
+    /// `redis-server` command line (e.g. `["--requirepass", "s3cret"]`).
+    /// `restart` reuses them. Readiness is the server's own "Ready to accept
+    /// connections" log line (a plain PING may need a password), which only
+    /// our process writes, and only once it listens. Panics if an argument
+    /// the harness sets itself (`--port`, `--bind`, `--dir`, ...) is given.
+    pub fn start_with(extra_args: &[&str]) -> RedisServer {
+        ensure_redis_server_installed();
+        Self::start_in(fresh_temp_dir(), launch_with(extra_args, None))
+    }
+
+    /// A server that speaks TLS only (`--port 0 --tls-port <port>`), with a
+    /// throwaway CA and server certificate for 127.0.0.1 generated into its
+    /// temp dir ([`tls_files`](Self::tls_files)); clients need not present a
+    /// certificate. Checked with a real TLS `PING` (via `openssl s_client`,
+    /// verifying the certificate) before it is returned.
+    pub fn start_tls() -> RedisServer {
+        Self::start_tls_with(&[])
+    }
+
+    /// [`start_tls`](Self::start_tls) plus extra `redis-server` arguments.
+    pub fn start_tls_with(extra_args: &[&str]) -> RedisServer {
+        ensure_redis_server_installed();
+        ensure_openssl_installed();
         let dir = fresh_temp_dir();
+        let tls = generate_tls_certs(&dir);
+        let server = Self::start_in(dir, launch_with(extra_args, Some(tls)));
+        assert!(
+            server.ping(),
+            "TLS redis-server on port {} does not answer PING over TLS\nlog:\n{}",
+            server.port,
+            server.log()
+        );
+        server
+    }
+
+    fn start_in(dir: PathBuf, launch: Launch) -> RedisServer {
         let mut errors = Vec::new();
         for _ in 0..START_ATTEMPTS {
             let port = match free_port() {
@@ -76,7 +177,7 @@ impl RedisServer {
                     continue;
                 }
             };
-            match spawn_and_wait(&dir, port) {
+            match spawn_and_wait(&dir, port, &launch) {
                 Ok((child, watchdog)) => {
                     let pid = child.id();
                     return RedisServer {
@@ -85,6 +186,7 @@ impl RedisServer {
                         child: Some(child),
                         watchdog: Some(watchdog),
                         pid,
+                        launch,
                     };
                 }
                 Err(e) => errors.push(format!("port {port}: {e}")),
@@ -98,9 +200,25 @@ impl RedisServer {
         );
     }
 
-    /// `redis://127.0.0.1:<port>`.
+    /// `redis://127.0.0.1:<port>`, or `rediss://127.0.0.1:<port>` for a TLS
+    /// server (no credentials either way).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.launch.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// The certificates of a TLS server ([`start_tls`](Self::start_tls)).
+    pub fn tls_files(&self) -> Option<&TlsFiles> {
+        self.launch.tls.as_ref()
+    }
+
+    /// The extra arguments given to [`start_with`](Self::start_with).
+    pub fn extra_args(&self) -> &[String] {
+        &self.launch.extra_args
     }
 
     /// The loopback port the server listens on (stays the same across
@@ -133,9 +251,18 @@ impl RedisServer {
     }
 
     /// True if the port answers `PING` with `+PONG` within ~1 s (false
-    /// while stopped or SIGSTOPped).
+    /// while stopped or SIGSTOPped). Authenticates first when the server
+    /// was started with `--requirepass`; speaks TLS (verifying the server
+    /// certificate against its CA) for a TLS server, allowing ~5 s then.
     pub fn ping(&self) -> bool {
-        ping_port(self.port, Duration::from_secs(1))
+        let password = self.launch.password.as_deref();
+        match &self.launch.tls {
+            Some(tls) => tls_ping(self.port, &tls.ca_cert, password, Duration::from_secs(5)),
+            None if password.is_some() => {
+                auth_ping_port(self.port, password, Duration::from_secs(1))
+            }
+            None => ping_port(self.port, Duration::from_secs(1)),
+        }
     }
 
     /// Kills the server (SIGKILL, so no graceful shutdown) and waits for it
@@ -152,13 +279,14 @@ impl RedisServer {
     }
 
     /// Stops the server if running, then starts a fresh one (empty data
-    /// set) on the same port and waits until it answers PING. Panics if the
-    /// port cannot be reused within ~5 s.
+    /// set, no loaded scripts) on the same port, with the same arguments and
+    /// certificates, and waits until it is ready. Panics if the port cannot
+    /// be reused within ~5 s.
     pub fn restart(&mut self) {
         self.stop();
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            match spawn_and_wait(&self.dir, self.port) {
+            match spawn_and_wait(&self.dir, self.port, &self.launch) {
                 Ok((child, watchdog)) => {
                     self.pid = child.id();
                     self.child = Some(child);
@@ -249,6 +377,141 @@ pub fn unique_prefix(tag: &str) -> String {
     )
 }
 
+/// Generates a throwaway CA and a server certificate for `127.0.0.1` /
+/// `localhost` signed by it into `dir` (`ca.crt`, `ca.key`, `server.crt`,
+/// `server.key`; P-256 keys, valid for 2 days) with the `openssl` CLI.
+/// Panics with openssl's output if that fails, or if openssl is missing.
+pub fn generate_tls_certs(dir: &Path) -> TlsFiles {
+    ensure_openssl_installed();
+    const CONFIG: &str = "\
+[req]
+distinguished_name = dn
+prompt = no
+
+[dn]
+CN = ticketlock test
+
+[v3_ca]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+
+[v3_server]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature, keyEncipherment
+extendedKeyUsage = serverAuth
+subjectAltName = IP:127.0.0.1, DNS:localhost
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+";
+    let files = TlsFiles {
+        ca_cert: dir.join("ca.crt"),
+        ca_key: dir.join("ca.key"),
+        cert: dir.join("server.crt"),
+        key: dir.join("server.key"),
+    };
+    let config = dir.join("openssl.cnf");
+    let csr = dir.join("server.csr");
+    fs::write(&config, CONFIG).unwrap_or_else(|e| panic!("writing {}: {e}", config.display()));
+    let key_options = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    // The CA: self-signed.
+    run_openssl(
+        Command::new("openssl")
+            .args(["req", "-x509", "-config"])
+            .arg(&config)
+            .args(["-extensions", "v3_ca", "-days", "2"])
+            .args(key_options)
+            .args(["-subj", "/CN=ticketlock test CA", "-keyout"])
+            .arg(&files.ca_key)
+            .arg("-out")
+            .arg(&files.ca_cert),
+    );
+    // The server's key and signing request...
+    run_openssl(
+        Command::new("openssl")
+            .args(["req", "-new", "-config"])
+            .arg(&config)
+            .args(key_options)
+            .args(["-subj", "/CN=127.0.0.1", "-keyout"])
+            .arg(&files.key)
+            .arg("-out")
+            .arg(&csr),
+    );
+    // ...signed by the CA.
+    let serial = format!("0x{:x}", 1 + COUNTER.fetch_add(1, Ordering::Relaxed));
+    run_openssl(
+        Command::new("openssl")
+            .args(["x509", "-req", "-in"])
+            .arg(&csr)
+            .arg("-CA")
+            .arg(&files.ca_cert)
+            .arg("-CAkey")
+            .arg(&files.ca_key)
+            .args(["-set_serial", &serial, "-days", "2", "-extfile"])
+            .arg(&config)
+            .args(["-extensions", "v3_server", "-out"])
+            .arg(&files.cert),
+    );
+    files
+}
+
+/// True if the TLS port `127.0.0.1:<port>` answers `PING` with `+PONG`
+/// within `timeout`, after authenticating with `password` if given. Uses
+/// `openssl s_client`, verifying the server certificate against `ca_cert`
+/// and the IP 127.0.0.1, so it also proves the certificates are right.
+pub fn tls_ping(port: u16, ca_cert: &Path, password: Option<&str>, timeout: Duration) -> bool {
+    let Ok(mut child) = Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+        .arg("-CAfile")
+        .arg(ca_cert)
+        .args(["-verify_return_error", "-verify_ip", "127.0.0.1", "-quiet"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        return false;
+    };
+    let stdin = child.stdin.take();
+    let stdout = child.stdout.take();
+    let (tx, rx) = mpsc::channel();
+    // The reader ends when s_client is killed below (its stdout closes).
+    thread::spawn(move || {
+        let ok = stdout.is_some_and(|out| read_pong(BufReader::new(out)));
+        let _ = tx.send(ok);
+    });
+    let sent = stdin.is_some_and(|mut input| {
+        let ok = input.write_all(&ping_request(password)).is_ok();
+        // `-quiet` implies `-ign_eof`: s_client stays up after stdin closes.
+        drop(input);
+        ok
+    });
+    let answered = sent && rx.recv_timeout(timeout).unwrap_or(false);
+    let _ = child.kill();
+    let _ = child.wait();
+    answered
+}
+
+/// Like [`ping_port`], but sends `AUTH <password>` first when one is given.
+pub fn auth_ping_port(port: u16, password: Option<&str>, timeout: Duration) -> bool {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, timeout) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(timeout));
+    let _ = stream.set_write_timeout(Some(timeout));
+    if stream.write_all(&ping_request(password)).is_err() {
+        return false;
+    }
+    read_pong(BufReader::new(stream))
+}
+
 /// True if `127.0.0.1:<port>` answers `PING` with `+PONG` within `timeout`
 /// (for connect, write and read each).
 pub fn ping_port(port: u16, timeout: Duration) -> bool {
@@ -269,6 +532,75 @@ pub fn ping_port(port: u16, timeout: Duration) -> bool {
 }
 
 // ---------------------------------------------------------------------------
+
+fn launch_with(extra_args: &[&str], tls: Option<TlsFiles>) -> Launch {
+    for arg in extra_args {
+        assert!(
+            !RESERVED_ARGS.contains(arg),
+            "start_with: {arg} is set by the harness (servers stay on 127.0.0.1 in their temp dir)"
+        );
+    }
+    let password = extra_args
+        .iter()
+        .position(|a| *a == "--requirepass")
+        .and_then(|i| extra_args.get(i + 1))
+        .map(|p| (*p).to_owned());
+    Launch {
+        extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
+        tls,
+        password,
+    }
+}
+
+/// A RESP request: `AUTH <password>` (if any), then `PING`.
+fn ping_request(password: Option<&str>) -> Vec<u8> {
+    let mut out = Vec::new();
+    if let Some(password) = password {
+        out.extend_from_slice(format!("*2\r\n$4\r\nAUTH\r\n${}\r\n", password.len()).as_bytes());
+        out.extend_from_slice(password.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"*1\r\n$4\r\nPING\r\n");
+    out
+}
+
+/// Reads simple replies until `+PONG` (true), an error reply or EOF (false).
+fn read_pong(mut reader: impl BufRead) -> bool {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return false,
+            Ok(_) => match line.trim_end() {
+                "+PONG" => return true,
+                "+OK" => continue,
+                _ => return false,
+            },
+        }
+    }
+}
+
+fn ensure_openssl_installed() {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join("openssl").is_file()));
+    if !found {
+        panic!("{NO_OPENSSL_MESSAGE}");
+    }
+}
+
+fn run_openssl(command: &mut Command) {
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running openssl: {e}\n{NO_OPENSSL_MESSAGE}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed ({}):\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
 
 fn ensure_redis_server_installed() {
     let found = std::env::var_os("PATH").is_some_and(|path| {
@@ -308,22 +640,38 @@ fn read_log(dir: &Path) -> String {
 
 /// Spawns redis-server on `port` plus its watchdog, and waits until it
 /// answers PING and is verifiably *our* process (not another server that
-/// already held the port).
-fn spawn_and_wait(dir: &Path, port: u16) -> Result<(Child, Child), String> {
+/// already held the port) — or, for servers with extra arguments or TLS,
+/// until our own log says it is ready (it says so only once it listens).
+fn spawn_and_wait(dir: &Path, port: u16, launch: &Launch) -> Result<(Child, Child), String> {
+    // Where this run's part of the (appended) log starts.
+    let log_start = fs::metadata(dir.join("redis.log")).map_or(0, |m| m.len());
     let log = fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("redis.log"))
         .map_err(|e| format!("opening log: {e}"))?;
     let log_err = log.try_clone().map_err(|e| format!("cloning log: {e}"))?;
-    let mut child = Command::new("redis-server")
-        .args(["--port", &port.to_string()])
+    let mut command = Command::new("redis-server");
+    match &launch.tls {
+        None => command.args(["--port", &port.to_string()]),
+        Some(tls) => command
+            .args(["--port", "0", "--tls-port", &port.to_string()])
+            .arg("--tls-cert-file")
+            .arg(&tls.cert)
+            .arg("--tls-key-file")
+            .arg(&tls.key)
+            .arg("--tls-ca-cert-file")
+            .arg(&tls.ca_cert)
+            .args(["--tls-auth-clients", "no"]),
+    };
+    let mut child = command
         .args(["--bind", "127.0.0.1"])
         .args(["--save", ""])
         .args(["--appendonly", "no"])
         .args(["--daemonize", "no"])
         .arg("--dir")
         .arg(dir)
+        .args(&launch.extra_args)
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err)
@@ -346,7 +694,11 @@ fn spawn_and_wait(dir: &Path, port: u16) -> Result<(Child, Child), String> {
         }
     };
 
-    let result = wait_until_ready(&mut child, port);
+    let result = if launch.is_plain_default() {
+        wait_until_ready(&mut child, port)
+    } else {
+        wait_until_logged_ready(&mut child, dir, log_start)
+    };
     if let Err(e) = result {
         let _ = child.kill();
         let _ = child.wait();
@@ -401,6 +753,31 @@ fn wait_until_ready(child: &mut Child, port: u16) -> Result<(), String> {
         if Instant::now() >= deadline {
             return Err(format!(
                 "redis-server did not answer PING within {START_TIMEOUT:?}"
+            ));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits for [`READY_LINE`] in the part of our log written since
+/// `log_start`. Only this child writes that part, and redis-server logs the
+/// line only after binding every port it was given (it exits when one is
+/// taken), so the line also proves the port is ours.
+fn wait_until_logged_ready(child: &mut Child, dir: &Path, log_start: u64) -> Result<(), String> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    let start = usize::try_from(log_start).unwrap_or(usize::MAX);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("redis-server exited early ({status})"));
+        }
+        let log = fs::read(dir.join("redis.log")).unwrap_or_default();
+        let ours = log.get(start..).unwrap_or_default();
+        if String::from_utf8_lossy(ours).contains(READY_LINE) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "redis-server did not log {READY_LINE:?} within {START_TIMEOUT:?}"
             ));
         }
         thread::sleep(Duration::from_millis(20));
