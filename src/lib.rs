@@ -24,3 +24,21 @@ pub use crate::options::{LockOptions, DEFAULT_LIFETIME, DEFAULT_WAIT_TIME, LIFET
 pub use crate::store::{LockGuard, LockStore};
 pub use crate::ticket::{Ticket, TicketLock};
 pub use crate::validate::{DEFAULT_KEY_PREFIX, MAX_CONVERSATION_ID_LEN, MAX_LIFETIME};
+
+/// Entry points for the criterion micro-benchmarks in `benches/`; not part of
+/// the API and not covered by semver.
+#[doc(hidden)]
+pub mod __bench {
+    /// Decodes `reply` as the named script's reply; true when it fits the contract.
+    pub fn decode(script: &str, reply: &[i64]) -> bool {
+        use crate::backend::redis as r;
+        match script {
+            "issue" => r::decode_issue(reply).is_ok(),
+            "poll" => r::decode_poll(reply).is_ok(),
+            "release" => r::decode_release(reply).is_ok(),
+            "read" => r::decode_read(reply).is_ok(),
+            "update" => r::decode_update(reply).is_ok(),
+            _ => false,
+        }
+    }
+}

@@ -346,6 +346,10 @@ pub fn redis_url() -> String {
     if let Some(url) = env_redis_url() {
         return url;
     }
+    #[cfg(feature = "docker")]
+    if !redis_server_installed() {
+        return docker::shared_url();
+    }
     static SHARED: OnceLock<RedisServer> = OnceLock::new();
     // Never dropped (statics aren't): the server's watchdog kills it once
     // this process is gone.
@@ -602,12 +606,41 @@ fn run_openssl(command: &mut Command) {
     );
 }
 
-fn ensure_redis_server_installed() {
-    let found = std::env::var_os("PATH").is_some_and(|path| {
+fn redis_server_installed() -> bool {
+    std::env::var_os("PATH").is_some_and(|path| {
         std::env::split_paths(&path).any(|dir| dir.join("redis-server").is_file())
-    });
-    if !found {
+    })
+}
+
+fn ensure_redis_server_installed() {
+    if !redis_server_installed() {
         panic!("{NO_REDIS_MESSAGE}");
+    }
+}
+
+/// The last resort of [`redis_url`] on machines with Docker but without
+/// `redis-server`: a Redis container (`cargo test --features docker`).
+#[cfg(feature = "docker")]
+mod docker {
+    use std::sync::OnceLock;
+
+    use testcontainers::core::{IntoContainerPort, WaitFor};
+    use testcontainers::runners::SyncRunner;
+    use testcontainers::{Container, GenericImage};
+
+    pub(super) fn shared_url() -> String {
+        static SHARED: OnceLock<Container<GenericImage>> = OnceLock::new();
+        let container = SHARED.get_or_init(|| {
+            GenericImage::new("redis", "7.2")
+                .with_exposed_port(6379.tcp())
+                .with_wait_for(WaitFor::message_on_stdout("Ready to accept connections"))
+                .start()
+                .unwrap_or_else(|e| panic!("{}\n(docker: {e})", super::NO_REDIS_MESSAGE))
+        });
+        let port = container
+            .get_host_port_ipv4(6379)
+            .expect("the container's Redis port");
+        format!("redis://127.0.0.1:{port}")
     }
 }
 
