@@ -28,6 +28,21 @@ pub enum StoreType {
     Redis,
 }
 
+/// How the Redis backend runs the Lua scripts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScriptMode {
+    /// `EVALSHA`, loading scripts with `SCRIPT LOAD` when the server lacks them.
+    Eval,
+    /// The `ticketlock_v1` Functions library (`FCALL`), loaded at connect and
+    /// reloaded when the server lost it; creating the store fails where
+    /// Functions are unsupported (Redis < 7) or not permitted.
+    Functions,
+    /// Functions where the server supports and permits them, else `Eval`.
+    #[default]
+    Auto,
+}
+
 /// The `lock_store:` section of Rasa's `endpoints.yml`, deserialisable with serde.
 ///
 /// ```
@@ -62,6 +77,8 @@ pub struct StoreConfig {
     pub key_prefix: Option<String>,
     /// Seconds bounding every Redis call (default 10).
     pub socket_timeout: Option<f64>,
+    /// How the scripts run (default [`ScriptMode::Auto`]).
+    pub script_mode: ScriptMode,
 }
 
 impl fmt::Debug for StoreConfig {
@@ -76,6 +93,7 @@ impl fmt::Debug for StoreConfig {
             .field("use_ssl", &self.use_ssl)
             .field("key_prefix", &self.key_prefix)
             .field("socket_timeout", &self.socket_timeout)
+            .field("script_mode", &self.script_mode)
             .finish()
     }
 }
@@ -97,6 +115,7 @@ pub(crate) struct RedisTarget {
     pub(crate) key_prefix: String,
     pub(crate) socket_timeout: Duration,
     pub(crate) tls: bool,
+    pub(crate) script_mode: ScriptMode,
 }
 
 /// `user:password@` in a URL becomes `user:<redacted>@`.
@@ -177,11 +196,18 @@ fn target(
         key_prefix,
         socket_timeout,
         tls,
+        script_mode: ScriptMode::Auto,
     })
 }
 
 /// The Redis target a `type: redis` configuration describes.
 pub(crate) fn target_from_config(config: &StoreConfig) -> Result<RedisTarget, LockError> {
+    let mut target = target_from_config_address(config)?;
+    target.script_mode = config.script_mode;
+    Ok(target)
+}
+
+fn target_from_config_address(config: &StoreConfig) -> Result<RedisTarget, LockError> {
     let host = config.host.as_deref().unwrap_or("localhost").trim();
     if host.contains("://") {
         let mut t = target_from_url(host, config.key_prefix.as_deref(), config.socket_timeout)?;

@@ -18,9 +18,14 @@ mod store;
 mod ticket;
 mod validate;
 
-pub use crate::config::{StoreConfig, StoreType, DEFAULT_DB, DEFAULT_PORT, DEFAULT_SOCKET_TIMEOUT};
+pub use crate::config::{
+    ScriptMode, StoreConfig, StoreType, DEFAULT_DB, DEFAULT_PORT, DEFAULT_SOCKET_TIMEOUT,
+};
 pub use crate::error::LockError;
 pub use crate::options::{LockOptions, DEFAULT_LIFETIME, DEFAULT_WAIT_TIME, LIFETIME_ENV};
+pub use crate::scripts::{
+    library as functions_library, scripts as lua_scripts, Script as LuaScript, LIBRARY_NAME,
+};
 pub use crate::store::{LockGuard, LockStore};
 pub use crate::ticket::{Ticket, TicketLock};
 pub use crate::validate::{DEFAULT_KEY_PREFIX, MAX_CONVERSATION_ID_LEN, MAX_LIFETIME};

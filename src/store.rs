@@ -111,6 +111,7 @@ impl LockStore {
             target.client,
             KeySpace::new(target.key_prefix),
             target.socket_timeout,
+            target.script_mode,
         )
         .await
         .map_err(|e| backend_error(None, Fault::Redis(e)))?;
@@ -616,8 +617,7 @@ fn backend_error(conversation_id: Option<&str>, fault: Fault) -> LockError {
         },
         Fault::Redis(e) => LockError::Backend {
             conversation_id,
-            retryable: !is_tls_failure(&e)
-                && e.is_io_error()
+            retryable: !is_tls_failure(&e) && e.is_io_error()
                 || e.is_timeout()
                 || e.is_connection_dropped()
                 || e.is_connection_refusal()
@@ -643,7 +643,9 @@ fn is_tls_failure(error: &redis::RedisError) -> bool {
     let is_tls = |e: &(dyn std::error::Error + 'static)| {
         // redis keeps I/O errors behind an Arc, and io::Error::source() skips
         // the error it wraps, so look inside both by hand.
-        let e = e.downcast_ref::<Shared>().map_or(e, |shared| &**shared as _);
+        let e = e
+            .downcast_ref::<Shared>()
+            .map_or(e, |shared| &**shared as _);
         e.is::<rustls::Error>()
             || e.downcast_ref::<std::io::Error>()
                 .and_then(std::io::Error::get_ref)

@@ -1,6 +1,7 @@
-//! One suite, two backends: every case runs against the in-memory store and
-//! against a real `redis-server` (started by `support`), which is what proves
-//! the Lua scripts and the in-memory state machine keep the same rules.
+//! One suite, every backend: each case runs against the in-memory store and
+//! against a real `redis-server` (started by `support`), once with EVALSHA and
+//! once with the Functions library, which is what proves the Lua scripts and
+//! the in-memory state machine keep the same rules.
 
 mod support;
 
@@ -8,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ticketlock::{LockError, LockOptions, LockStore, StoreConfig, Ticket, TicketLock};
+use ticketlock::{LockError, LockOptions, LockStore, ScriptMode, StoreConfig, Ticket, TicketLock};
 
 /// "Promptly": far below the wait times and lifetimes the cases configure, so
 /// a case only passes if wake-ups (not polls or expiries) did the work.
@@ -29,11 +30,12 @@ impl Fixture {
         }
     }
 
-    async fn redis() -> Fixture {
+    async fn redis(mode: ScriptMode) -> Fixture {
         let url = support::redis_url();
         let prefix = support::unique_prefix("conf");
         let mut config = StoreConfig::redis(url.clone());
         config.key_prefix = Some(prefix.clone());
+        config.script_mode = mode;
         let store = LockStore::create(Some(&config))
             .await
             .expect("connect to the test redis");
@@ -102,11 +104,19 @@ macro_rules! conformance {
                 }
             )*
         }
-        mod on_redis {
+        mod on_redis_eval {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    super::$case(super::Fixture::redis().await).await
+                    super::$case(super::Fixture::redis(ticketlock::ScriptMode::Eval).await).await
+                }
+            )*
+        }
+        mod on_redis_functions {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::Fixture::redis(ticketlock::ScriptMode::Functions).await).await
                 }
             )*
         }
@@ -656,7 +666,7 @@ async fn keys_carry_ttls_and_vanish_after_release(f: Fixture) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_foreign_data_is_reported_and_left_untouched() {
-    let f = Fixture::redis().await;
+    let f = Fixture::redis(ScriptMode::Auto).await;
     let (mut conn, prefix) = f.raw().await.unwrap();
     let queue = format!("{prefix}{{bad}}:q");
     let _: () = redis::cmd("SET")
@@ -716,8 +726,8 @@ async fn redis_foreign_data_is_reported_and_left_untouched() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_prefixes_isolate_stores_on_one_server() {
-    let a = Fixture::redis().await;
-    let b = Fixture::redis().await;
+    let a = Fixture::redis(ScriptMode::Auto).await;
+    let b = Fixture::redis(ScriptMode::Auto).await;
     let default = LockStore::from_url(&support::redis_url()).await.unwrap();
     let ga = a.store.lock("shared-id").await.unwrap();
     let gb = tokio::time::timeout(PROMPT, b.store.lock("shared-id"))
@@ -738,7 +748,7 @@ async fn redis_prefixes_isolate_stores_on_one_server() {
 async fn redis_uncontended_lock_and_release_cost_two_round_trips() {
     let server = support::RedisServer::start();
     let store = LockStore::from_url(&server.url()).await.unwrap();
-    // Warm up: the first call loads the script (NOSCRIPT, SCRIPT LOAD, retry).
+    // Warm up (in Eval mode the first call loads the script: NOSCRIPT, SCRIPT LOAD, retry).
     store.lock("rt").await.unwrap().release().await.unwrap();
     let client = redis::Client::open(server.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
@@ -775,7 +785,8 @@ async fn redis_uncontended_lock_and_release_cost_two_round_trips() {
                 .ok()
         })
         .sum();
-    assert_eq!(calls("evalsha"), 20, "{stats}");
+    // Auto mode on Redis 7 runs the Functions library: one FCALL per operation.
+    assert_eq!(calls("fcall") + calls("evalsha"), 20, "{stats}");
     // Besides the 20 EVALSHAs only this test's own CONFIG/INFO ran (and what the scripts call inside).
     let script_inner: u64 = [
         "time",

@@ -12,7 +12,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use support::{ping_port, RedisServer};
-use ticketlock::{LockError, LockOptions, LockStore, StoreConfig};
+use ticketlock::{LockError, LockOptions, LockStore, ScriptMode, StoreConfig};
 
 const PASSWORD: &str = "s3cret";
 const WRONG_PASSWORD: &str = "wr0ngpass";
@@ -391,7 +391,10 @@ async fn tls_connects_and_hands_over_and_an_untrusted_certificate_is_a_clean_err
             shown.contains("certificate"),
             "{what}: the error does not say the certificate was refused: {e}"
         );
-        assert!(!e.is_retryable(), "{what}: retrying cannot fix an untrusted certificate: {e:?}");
+        assert!(
+            !e.is_retryable(),
+            "{what}: retrying cannot fix an untrusted certificate: {e:?}"
+        );
     }
 
     // Plain text against the TLS port: an error, not a hang.
@@ -514,14 +517,18 @@ async fn the_same_store_keeps_working_across_a_server_restart() {
     // Both stores work again, pushes included.
     keep_trying(&other, "r", Duration::from_secs(10)).await;
     assert_prompt_handoff(&store, &other, "r-handoff").await;
-    let cached: String = redis::cmd("INFO")
-        .arg("memory")
+    // The default (Auto) mode runs the Functions library, which the restart
+    // erased: it must have been loaded again.
+    let libraries: redis::Value = redis::cmd("FUNCTION")
+        .arg("LIST")
+        .arg("LIBRARYNAME")
+        .arg(ticketlock::LIBRARY_NAME)
         .query_async(&mut raw(&server.url()).await)
         .await
-        .expect("INFO memory");
+        .expect("FUNCTION LIST");
     assert!(
-        !cached.contains("number_of_cached_scripts:0"),
-        "no script loaded after the restart: {cached}"
+        format!("{libraries:?}").contains(ticketlock::LIBRARY_NAME),
+        "the library was not loaded again after the restart: {libraries:?}"
     );
 }
 
@@ -570,7 +577,8 @@ async fn a_waiter_across_a_restart_is_told_promptly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn script_flush_is_handled_without_a_single_error() {
     let server = RedisServer::start();
-    let config = local_config(server.port());
+    let mut config = local_config(server.port());
+    config.script_mode = ScriptMode::Eval;
     let store = LockStore::create(Some(&config)).await.expect("connect");
     let other = LockStore::create(Some(&config)).await.expect("connect");
     let mut admin = raw(&server.url()).await;
@@ -717,4 +725,95 @@ fn tempdir_for_certs() -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("ticketlock-certs-{}", support::unique_prefix("")));
     std::fs::create_dir(&dir).expect("temp dir for certificates");
     dir
+}
+
+// --- FUNCTION FLUSH ----------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn function_flush_is_handled_without_a_single_error() {
+    let server = RedisServer::start();
+    let mut config = local_config(server.port());
+    config.script_mode = ScriptMode::Functions;
+    let store = LockStore::create(Some(&config)).await.expect("connect");
+    let other = LockStore::create(Some(&config)).await.expect("connect");
+    let mut admin = raw(&server.url()).await;
+    lock_and_release(&store, "ff").await.expect("warm-up");
+
+    async fn flush(admin: &mut redis::aio::MultiplexedConnection) {
+        let reply: String = redis::cmd("FUNCTION")
+            .arg("FLUSH")
+            .query_async(admin)
+            .await
+            .expect("FUNCTION FLUSH");
+        assert_eq!(reply, "OK");
+    }
+
+    flush(&mut admin).await;
+    let guard = store.lock("ff").await.expect("lock after flush");
+    flush(&mut admin).await;
+    assert_eq!(
+        store
+            .get_lock("ff")
+            .await
+            .expect("read after flush")
+            .expect("record")
+            .tickets()
+            .len(),
+        1
+    );
+    // A waiter on another store, across a flush, is handed the lock promptly.
+    let waiter = {
+        let other = other.clone();
+        tokio::spawn(async move { other.lock_with("ff", patient()).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    flush(&mut admin).await;
+    guard.release().await.expect("release after flush");
+    let next = tokio::time::timeout(Duration::from_secs(2), waiter)
+        .await
+        .expect("hand-over after FUNCTION FLUSH was not prompt")
+        .expect("waiter task")
+        .expect("waiter lock");
+    flush(&mut admin).await;
+    next.release().await.expect("release after flush");
+    assert_eq!(store.get_lock("ff").await.expect("read"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn functions_mode_fails_clearly_where_functions_are_not_permitted() {
+    let server = RedisServer::start();
+    let mut admin = raw(&server.url()).await;
+    let _: () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            "nofunc",
+            "on",
+            ">pw",
+            "~*",
+            "&*",
+            "+@all",
+            "-function",
+        ])
+        .query_async(&mut admin)
+        .await
+        .expect("ACL SETUSER");
+    let mut config = local_config(server.port());
+    config.username = Some("nofunc".into());
+    config.password = Some("pw".into());
+    // Auto falls back to EVALSHA...
+    let auto = LockStore::create(Some(&config))
+        .await
+        .expect("auto mode connects");
+    lock_and_release(&auto, "nf")
+        .await
+        .expect("auto mode works through EVALSHA");
+    // ...while Functions mode refuses at creation, with a typed error.
+    config.script_mode = ScriptMode::Functions;
+    match LockStore::create(Some(&config)).await {
+        Err(e @ LockError::Backend { .. }) => {
+            assert!(!e.is_retryable(), "{e:?}");
+            assert!(e.to_string().to_lowercase().contains("perm"), "{e}");
+        }
+        other => panic!("functions mode without FUNCTION permission: {other:?}"),
+    }
 }

@@ -16,9 +16,10 @@ use super::{
     Backend, Fault, Issued, Polled, Record, ReleaseMode, Released, Result, Subscription, TicketRef,
     Updated,
 };
+use crate::config::ScriptMode;
 use crate::keys::KeySpace;
 use crate::notify::{Notice, Notifier};
-use crate::scripts::{self, Script};
+use crate::scripts::{self, Invoke, Script};
 use crate::ticket::{Ticket, TicketLock};
 
 /// The Redis backend; cloning shares the connection.
@@ -26,6 +27,7 @@ use crate::ticket::{Ticket, TicketLock};
 pub(crate) struct RedisBackend {
     conn: ConnectionManager,
     keys: KeySpace,
+    invoke: Invoke,
     notifier: Arc<Notifier>,
 }
 
@@ -43,6 +45,7 @@ impl RedisBackend {
         client: redis::Client,
         keys: KeySpace,
         socket_timeout: Duration,
+        mode: ScriptMode,
     ) -> redis::RedisResult<Self> {
         let notifier = Arc::new(Notifier::default());
         let pushes = notifier.clone();
@@ -56,10 +59,25 @@ impl RedisBackend {
                 forward(&pushes, push);
                 Ok::<(), std::convert::Infallible>(())
             });
-        let conn = client.get_connection_manager_with_config(config).await?;
+        let mut conn = client.get_connection_manager_with_config(config).await?;
+        let invoke = match mode {
+            ScriptMode::Eval => Invoke::Eval,
+            ScriptMode::Functions => {
+                scripts::load_library(&mut conn).await?;
+                Invoke::Functions
+            }
+            // A server that refuses (Redis < 7: unknown command; an ACL
+            // without FUNCTION: NOPERM) still runs the same code by EVALSHA.
+            ScriptMode::Auto => match scripts::load_library(&mut conn).await {
+                Ok(_) => Invoke::Functions,
+                Err(e) if matches!(e.kind(), redis::ErrorKind::Server(_)) => Invoke::Eval,
+                Err(e) => return Err(e),
+            },
+        };
         Ok(RedisBackend {
             conn,
             keys,
+            invoke,
             notifier,
         })
     }
@@ -67,8 +85,8 @@ impl RedisBackend {
     async fn run(&self, script: &Script, cid: &str, args: &[String]) -> Result<Vec<i64>> {
         let keys = self.keys.all(cid);
         let mut conn = self.conn.clone();
-        let reply = script.run(&mut conn, &keys, args).await?;
-        integers(script.name, reply)
+        let reply = script.run(&mut conn, self.invoke, &keys, args).await?;
+        integers(script.name(), reply)
     }
 }
 
