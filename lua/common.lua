@@ -8,21 +8,42 @@
 -- hash tag `{<id>}`, where `<id>` is the conversation id with `%`, `{` and `}`
 -- percent-encoded (`%25`, `%7B`, `%7D`) and `<prefix>` is `lock:` or
 -- `<custom>:lock:`:
---   KEYS[1] meta   HASH  <prefix>{<id>}    next  = next ticket number (0, 1, 2 ...)
---                                          epoch = Redis time (µs) the record was created
+--   KEYS[1] meta   HASH  <prefix>{<id>}
+--            next       number the next ticket gets (0, 1, 2 ...)
+--            epoch      Redis time (µs) the record was created
+--            served     the ticket granted last (the head when it was granted)
+--            served_at  when it was granted (ms, Redis TIME)
+--            fence      that grant's fencing token: max(previous + 1, Redis time
+--                       in µs), so tokens grow over every grant, even across a
+--                       deleted or expired record (while Redis's clock does)
+--            held       equals served once its owner picked the grant up
+--            l<n>       "<lease ms> <liveness ms>" for renewing ticket n
 --   KEYS[2] queue  ZSET  <prefix>{<id>}:q  member = ticket number, score = ticket number
 --   KEYS[3] expiry ZSET  <prefix>{<id>}:e  member = ticket number, score = expiry (ms, Redis TIME)
+--
+-- Two kinds of ticket:
+--   fixed     (issue without liveness; Rasa's issue_ticket) expires `lifetime`
+--             after it was issued, waiting included;
+--   renewing  (issue with liveness; what `lock` takes) expires `liveness` after
+--             its waiter last polled, so a live waiter waits as long as it
+--             likes and a dead one stops blocking the queue within `liveness`.
+--             When granted, its owner has `liveness` to pick the grant up (a
+--             poll, or the owner's own issue), and from then its lease runs
+--             `lease` ms counted from the grant; the owner may extend it.
+--
 -- Wake-ups are PUBLISHed on the channel named like the meta key, as
--- "<epoch> <serving>" or "<epoch> <serving> <removed>": the ticket now served
--- (-1 when the queue emptied or the record was deleted) and, when a ticket
--- other than the served one was removed, its number, so its waiter learns at
--- once that it is gone.
+-- "<epoch> <serving> <fence> <removed> <serving_ms>" (integers, -1 for none):
+-- the ticket granted now with its fencing token, a waiting ticket someone
+-- removed (so its waiter learns at once that it is gone), and the ms until
+-- the served ticket expires (so the waiters behind it can check then, should
+-- its owner be dead).
 --
 -- Invariants every script keeps:
 --   * the ticket served is the lowest live number (strict FIFO);
 --   * a ticket is live while Redis time <= its expiry; expired tickets are
 --     pruned before anything is decided, so they are never served;
 --   * numbers only go up within a record (epoch); a new record gets a new epoch;
+--   * fencing tokens only go up, one per grant;
 --   * every key expires at the latest ticket expiry plus MARGIN_MS.
 
 local MARGIN_MS = 1000
@@ -69,20 +90,53 @@ local function remaining(expiry, number, now)
   return at - now
 end
 
-local function remove(queue, expiry, numbers)
+local function remove(meta, queue, expiry, numbers)
   -- unpack() is bounded by Lua's C stack, so remove in slices.
   for i = 1, #numbers, 1000 do
     local slice = { unpack(numbers, i, math.min(i + 999, #numbers)) }
     redis.call('ZREM', queue, unpack(slice))
     redis.call('ZREM', expiry, unpack(slice))
+    for j = 1, #slice do slice[j] = 'l' .. slice[j] end
+    redis.call('HDEL', meta, unpack(slice))
   end
 end
 
 -- Drop every expired ticket; O(log n + expired).
-local function prune(queue, expiry, now)
+local function prune(meta, queue, expiry, now)
   local dead = redis.call('ZRANGEBYSCORE', expiry, '-inf', '(' .. now)
-  remove(queue, expiry, dead)
+  remove(meta, queue, expiry, dead)
   return #dead
+end
+
+-- "<lease ms> <liveness ms>" of a renewing ticket, or nil for a fixed one.
+local function terms(meta, number)
+  local t = redis.call('HGET', meta, 'l' .. number)
+  if not t then return nil end
+  local lease, liveness = string.match(t, '^(%d+) (%d+)$')
+  return tonumber(lease), tonumber(liveness)
+end
+
+-- The head becomes the holder: a new fencing token, and a renewing head gets
+-- `liveness` to be picked up by its owner (a dead owner must not hold the
+-- queue for a whole lease).
+local function grant(meta, expiry, h, now, now_us)
+  if h == -1 or tonumber(redis.call('HGET', meta, 'served')) == h then return end
+  local fence = tonumber(redis.call('HGET', meta, 'fence')) or 0
+  if now_us > fence then fence = now_us else fence = fence + 1 end
+  redis.call('HSET', meta, 'served', h, 'served_at', now, 'fence', fence)
+  redis.call('HDEL', meta, 'held')
+  local _, liveness = terms(meta, h)
+  if liveness then redis.call('ZADD', expiry, now + liveness, h) end
+end
+
+-- The owner of the served ticket has it: the lease runs from the grant.
+local function confirm(meta, expiry, ticket)
+  if tonumber(redis.call('HGET', meta, 'held')) == ticket then return end
+  local lease = terms(meta, ticket)
+  if lease then
+    redis.call('ZADD', expiry, tonumber(redis.call('HGET', meta, 'served_at')) + lease, ticket)
+  end
+  redis.call('HSET', meta, 'held', ticket)
 end
 
 -- Bound every key's life by the latest live expiry: a crashed worker leaves
@@ -101,10 +155,22 @@ end
 -- Tell the waiters who is served now, so the new head's waiter need not ask.
 -- `quiet` is the ticket whose caller learns the head from this reply anyway;
 -- `removed` a waiting ticket taken out by someone, whose waiter must be told.
-local function announce(meta, epoch, before, after, quiet, removed)
-  if removed then
-    redis.call('PUBLISH', meta, epoch .. ' ' .. after .. ' ' .. removed)
-  elseif after ~= before and after ~= quiet then
-    redis.call('PUBLISH', meta, epoch .. ' ' .. after)
+local function announce(meta, expiry, epoch, before, after, now, quiet, removed)
+  if removed or (after ~= before and after ~= quiet) then
+    local fence = -1
+    if after ~= -1 then fence = redis.call('HGET', meta, 'fence') end
+    local left = remaining(expiry, after, now)
+    redis.call('PUBLISH', meta, epoch .. ' ' .. after .. ' ' .. fence .. ' ' .. (removed or -1) .. ' ' .. left)
   end
+end
+
+-- The end of every change: grant the head, bound the keys' lives, tell the
+-- waiters. Grant before touch (a grant moves an expiry) and before announce
+-- (the announcement carries the grant's token). Returns the head.
+local function settle(meta, queue, expiry, epoch, before, now, now_us, quiet, removed)
+  local after = head(queue)
+  grant(meta, expiry, after, now, now_us)
+  touch(meta, queue, expiry)
+  announce(meta, expiry, epoch, before, after, now, quiet, removed)
+  return after
 end

@@ -14,9 +14,9 @@
 --   removed      1 if the ticket was there and is gone now, else 0
 --   now_serving  number served now, -1 if none
 --
--- Keeps: remove the ticket and prune before publishing, or the next waiter
--- would be told a stale head; the announcement names the new head, and the
--- removed ticket when it was a waiting one.
+-- Keeps: remove the ticket and prune before granting and publishing, or the
+-- next waiter would be told a stale head; the announcement names the new head,
+-- and the removed ticket when it was a waiting one.
 
 local meta, queue, expiry = KEYS[1], KEYS[2], KEYS[3]
 local ticket = integer_arg(ARGV[1], 'ticket', 0, 9007199254740991)
@@ -25,7 +25,7 @@ if mode ~= 'finish' and mode ~= 'cleanup' then
   error({ err = 'ERR ticketlock: mode must be "finish" or "cleanup", got ' .. tostring(mode) })
 end
 check_types(meta, queue, expiry)
-local now = clock()
+local now, now_us = clock()
 
 local epoch = redis.call('HGET', meta, 'epoch')
 if not epoch then return { 0, -1 } end
@@ -34,18 +34,16 @@ local removed = 0
 if ARGV[3] == '' or tonumber(ARGV[3]) == tonumber(epoch) then
   removed = redis.call('ZREM', queue, ticket)
   redis.call('ZREM', expiry, ticket)
+  redis.call('HDEL', meta, 'l' .. ticket)
 end
-prune(queue, expiry, now)
-local after = head(queue)
+prune(meta, queue, expiry, now)
 
-if after == -1 and mode == 'cleanup' then
+if head(queue) == -1 and mode == 'cleanup' then
   redis.call('DEL', meta, queue, expiry)
   return { removed, -1 }
 end
-touch(meta, queue, expiry)
 -- A removed waiter (not the served ticket) is named, or it would only find
 -- out at its next check.
 local waiter = nil
 if removed == 1 and ticket ~= before then waiter = ticket end
-announce(meta, epoch, before, after, nil, waiter)
-return { removed, after }
+return { removed, settle(meta, queue, expiry, epoch, before, now, now_us, nil, waiter) }

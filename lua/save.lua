@@ -10,7 +10,8 @@
 -- Reply: { now_serving }   number served now, -1 if none
 --
 -- Keeps: numbers never go down within a record; a conversation with no live
--- ticket and no record stays without keys; the new head is announced.
+-- ticket and no record stays without keys; saved tickets are fixed ones; the
+-- new head is granted and announced.
 
 local meta, queue, expiry = KEYS[1], KEYS[2], KEYS[3]
 local next_min = integer_arg(ARGV[1], 'next', 0, 9007199254740991)
@@ -27,7 +28,7 @@ local now, now_us = clock()
 
 local epoch = redis.call('HGET', meta, 'epoch')
 local before = head(queue)
-redis.call('DEL', queue, expiry)
+remove(meta, queue, expiry, redis.call('ZRANGE', queue, 0, -1))
 for i, number in ipairs(numbers) do
   if lifetimes[i] > 0 then
     redis.call('ZADD', queue, number, number)
@@ -35,8 +36,7 @@ for i, number in ipairs(numbers) do
     if number + 1 > next_min then next_min = number + 1 end
   end
 end
-local after = head(queue)
-if after == -1 and not epoch then return { -1 } end
+if head(queue) == -1 and not epoch then return { -1 } end
 
 if not epoch then
   epoch = now_us
@@ -45,6 +45,4 @@ else
   local current = tonumber(redis.call('HGET', meta, 'next')) or 0
   if next_min > current then redis.call('HSET', meta, 'next', next_min) end
 end
-touch(meta, queue, expiry)
-announce(meta, epoch, before, after, nil)
-return { after }
+return { settle(meta, queue, expiry, epoch, before, now, now_us, nil, nil) }

@@ -13,11 +13,9 @@
 
 local meta, queue, expiry = KEYS[1], KEYS[2], KEYS[3]
 check_types(meta, queue, expiry)
-local now = clock()
+local now, now_us = clock()
 local epoch = redis.call('HGET', meta, 'epoch')
 if not epoch then return { 0, -1 } end
 local before = head(queue)
-local pruned = prune(queue, expiry, now)
-local after = head(queue)
-announce(meta, epoch, before, after, nil)
-return { pruned, after }
+local pruned = prune(meta, queue, expiry, now)
+return { pruned, settle(meta, queue, expiry, epoch, before, now, now_us, nil, nil) }

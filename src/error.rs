@@ -24,9 +24,10 @@ pub enum LockError {
         waited: Duration,
     },
     /// The ticket expired or was removed (by `finish_serving`, `delete_lock`,
-    /// `save_lock`) before it was served. It will never be served.
+    /// `save_lock`): a waiting ticket will never be served; a held one has
+    /// lost its lease.
     #[error(
-        "ticket {ticket} of conversation {} expired or was removed before it was served",
+        "ticket {ticket} of conversation {} expired or was removed",
         shown(conversation_id)
     )]
     Expired {

@@ -22,7 +22,9 @@ pub use crate::config::{
     ScriptMode, StoreConfig, StoreType, DEFAULT_DB, DEFAULT_PORT, DEFAULT_SOCKET_TIMEOUT,
 };
 pub use crate::error::LockError;
-pub use crate::options::{LockOptions, DEFAULT_LIFETIME, DEFAULT_WAIT_TIME, LIFETIME_ENV};
+pub use crate::options::{
+    LockOptions, DEFAULT_DEAD_WAITER_TIMEOUT, DEFAULT_LIFETIME, DEFAULT_WAIT_TIME, LIFETIME_ENV,
+};
 pub use crate::scripts::{
     library as functions_library, scripts as lua_scripts, Script as LuaScript, LIBRARY_NAME,
 };
@@ -43,6 +45,7 @@ pub mod __bench {
             "release" => r::decode_release(reply).is_ok(),
             "read" => r::decode_read(reply).is_ok(),
             "update" => r::decode_update(reply).is_ok(),
+            "extend" => r::decode_extend(reply).is_ok(),
             _ => false,
         }
     }

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::broadcast;
 
@@ -19,35 +20,34 @@ const CAPACITY: usize = 64;
 /// What a wake-up says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Notice {
-    /// In record `epoch`, `serving` is served now (`None`: nobody), and
-    /// `removed`, a waiting ticket, was taken out of the queue.
+    /// In record `epoch`, `serving` is granted now with fencing token `fence`
+    /// (`None`: nobody is), and `removed`, a waiting ticket, was taken out.
     Changed {
         epoch: u64,
         serving: Option<u64>,
+        fence: Option<u64>,
         removed: Option<u64>,
+        /// Until the served ticket expires, unless renewed.
+        serving_left: Option<Duration>,
     },
-    /// The record was deleted, or messages may have been lost (reconnect):
-    /// every waiter should ask the store.
+    /// Messages may have been lost (reconnect): every waiter should ask the store.
     Recheck,
 }
 
 impl Notice {
-    /// Decodes a Redis pub/sub payload: `"<epoch> <serving> [<removed>]"`,
-    /// serving -1 for nobody (lua/common.lua `announce`).
+    /// Decodes a Redis pub/sub payload:
+    /// `"<epoch> <serving> <fence> <removed> <serving_ms>"`, -1 for none
+    /// (lua/common.lua `announce`).
     pub(crate) fn parse(payload: &[u8]) -> Notice {
         let text = std::str::from_utf8(payload).unwrap_or("");
-        let fields: Vec<&str> = text.split(' ').collect();
-        let epoch = fields.first().and_then(|e| e.parse::<u64>().ok());
-        let serving = fields.get(1).and_then(|s| s.parse::<i64>().ok());
-        let removed = match fields.get(2) {
-            None => Ok(None),
-            Some(r) => r.parse::<u64>().map(Some),
-        };
-        match (epoch, serving, removed, fields.len() <= 3) {
-            (Some(epoch), Some(serving), Ok(removed), true) => Notice::Changed {
-                epoch,
+        let fields: Option<Vec<i64>> = text.split(' ').map(|f| f.parse().ok()).collect();
+        match fields.as_deref() {
+            Some(&[epoch, serving, fence, removed, left]) if epoch >= 0 => Notice::Changed {
+                epoch: epoch as u64,
                 serving: u64::try_from(serving).ok(),
-                removed,
+                fence: u64::try_from(fence).ok(),
+                removed: u64::try_from(removed).ok(),
+                serving_left: u64::try_from(left).ok().map(Duration::from_millis),
             },
             _ => Notice::Recheck,
         }
@@ -144,18 +144,36 @@ mod tests {
 
     #[test]
     fn payloads_decode_to_notices() {
-        let changed = |serving, removed| Notice::Changed {
+        let changed = |serving, fence, removed, left: Option<u64>| Notice::Changed {
             epoch: 17,
             serving,
+            fence,
             removed,
+            serving_left: left.map(Duration::from_millis),
         };
-        assert_eq!(Notice::parse(b"17 4"), changed(Some(4), None));
-        assert_eq!(Notice::parse(b"17 -1"), changed(None, None));
-        assert_eq!(Notice::parse(b"17 4 9"), changed(Some(4), Some(9)));
-        assert_eq!(Notice::parse(b"17 4 9 1"), Notice::Recheck);
-        assert_eq!(Notice::parse(b"17 4 x"), Notice::Recheck);
-        assert_eq!(Notice::parse(b"garbage"), Notice::Recheck);
-        assert_eq!(Notice::parse(&[0xff, 0xfe]), Notice::Recheck);
+        assert_eq!(
+            Notice::parse(b"17 4 99 -1 50"),
+            changed(Some(4), Some(99), None, Some(50))
+        );
+        assert_eq!(
+            Notice::parse(b"17 -1 -1 -1 -1"),
+            changed(None, None, None, None)
+        );
+        assert_eq!(
+            Notice::parse(b"17 4 99 9 7"),
+            changed(Some(4), Some(99), Some(9), Some(7))
+        );
+        for bad in [
+            &b"17 4"[..],
+            b"17 4 9 1",
+            b"17 4 9 1 1 1",
+            b"17 4 x 1 1",
+            b"-1 4 4 4 4",
+            b"garbage",
+            &[0xff, 0xfe],
+        ] {
+            assert_eq!(Notice::parse(bad), Notice::Recheck);
+        }
     }
 
     #[test]

@@ -151,8 +151,11 @@ pub(crate) static READ: Script = lua!("read", true);
 pub(crate) static SAVE: Script = lua!("save", false);
 pub(crate) static DELETE: Script = lua!("delete", false);
 pub(crate) static UPDATE: Script = lua!("update", false);
+pub(crate) static EXTEND: Script = lua!("extend", false);
 
-static ALL: [&Script; 7] = [&ISSUE, &POLL, &RELEASE, &READ, &SAVE, &DELETE, &UPDATE];
+static ALL: [&Script; 8] = [
+    &ISSUE, &POLL, &RELEASE, &READ, &SAVE, &DELETE, &UPDATE, &EXTEND,
+];
 
 /// Every operation's script, in the order the README lists them.
 pub fn scripts() -> &'static [&'static Script] {

@@ -140,7 +140,7 @@ impl LockStore {
         let lifetime_ms = validate::lifetime_ms(lifetime, "lifetime")?;
         let issued = self
             .backend()
-            .issue(conversation_id, lifetime_ms)
+            .issue(conversation_id, lifetime_ms, None)
             .await
             .map_err(|f| fail(conversation_id, f))?;
         tracing::debug!(conversation_id, ticket = issued.ticket, "ticket issued");
@@ -155,6 +155,12 @@ impl LockStore {
 
     /// Takes a ticket and waits until it is served.
     ///
+    /// The ticket is a renewing one: while this future waits it checks in
+    /// with the store (at least three times per dead-waiter timeout), so it
+    /// keeps its place however long the queue; if the process dies, the queue
+    /// moves on within the dead-waiter timeout. The lease (the lifetime) runs
+    /// from the moment the lock is granted.
+    ///
     /// Returns [`LockError::Expired`] as soon as the ticket is found expired
     /// or removed, and [`LockError::Timeout`] (ticket given back) when the
     /// options' timeout passes first.
@@ -162,9 +168,9 @@ impl LockStore {
     /// # Cancel safety
     /// Dropping the returned future before it completes gives the ticket
     /// back (in the background, on the current runtime), so the waiters
-    /// behind it are not held up for its lifetime. That holds even while the
-    /// ticket is being issued: the issue runs in its own task, which returns
-    /// the ticket if nobody is left to take it.
+    /// behind it are not held up. That holds even while the ticket is being
+    /// issued: the issue runs in its own task, which returns the ticket if
+    /// nobody is left to take it.
     pub async fn lock_with(
         &self,
         conversation_id: &str,
@@ -173,13 +179,14 @@ impl LockStore {
         validate::conversation_id(conversation_id)?;
         let options = options.resolve(self.inner.default_lifetime)?;
         let started = Instant::now();
-        let mut ticket = self
-            .issue_owned(conversation_id, options.lifetime_ms)
-            .await?;
+        let mut ticket = self.issue_owned(conversation_id, &options).await?;
         match self.wait_until_served(&ticket, &options, started).await {
-            Ok(()) => {
-                tracing::debug!(conversation_id, ticket = ticket.number(), waited = ?started.elapsed(), "lock acquired");
-                Ok(LockGuard { ticket })
+            Ok(grant) => {
+                tracing::debug!(conversation_id, ticket = ticket.number(), fence = grant.fence, waited = ?started.elapsed(), "lock acquired");
+                if !grant.picked_up {
+                    ticket.fence = Some(grant.fence);
+                }
+                Ok(LockGuard::new(ticket, grant, &options))
             }
             Err(e @ LockError::Expired { .. }) => {
                 tracing::debug!(
@@ -347,14 +354,15 @@ impl LockStore {
 
     /// Issues a ticket in a task of its own: if the caller is cancelled while
     /// the issue is in flight, the task gives the ticket straight back.
-    async fn issue_owned(&self, cid: &str, lifetime_ms: u64) -> Result<OwnedTicket, LockError> {
+    async fn issue_owned(&self, cid: &str, options: &Resolved) -> Result<OwnedTicket, LockError> {
         let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
         let store = self.clone();
         let owned_cid = cid.to_owned();
+        let (lifetime_ms, liveness_ms) = (options.lifetime_ms, options.liveness_ms);
         tokio::spawn(async move {
             let reply = store
                 .backend()
-                .issue(&owned_cid, lifetime_ms)
+                .issue(&owned_cid, lifetime_ms, Some(liveness_ms))
                 .await
                 .map(|issued| OwnedTicket {
                     store: store.clone(),
@@ -363,7 +371,7 @@ impl LockStore {
                         number: issued.ticket,
                         epoch: Some(issued.epoch),
                     },
-                    served: issued.now_serving == issued.ticket,
+                    fence: issued.fence,
                     armed: true,
                 });
             // If the receiver is gone, `reply` comes back and dropping its
@@ -375,7 +383,7 @@ impl LockStore {
                 tracing::debug!(
                     conversation_id = cid,
                     ticket = ticket.number(),
-                    served = ticket.served,
+                    served = ticket.fence.is_some(),
                     "ticket issued"
                 );
                 Ok(ticket)
@@ -384,21 +392,26 @@ impl LockStore {
             Err(_) => Err(LockError::Backend {
                 conversation_id: Some(cid.to_owned()),
                 retryable: true,
-                source: "the task issuing the ticket stopped (runtime shutting down)".into(),
+                source: "the task issuing the ticket ended without an answer (it panicked, or the runtime is shutting down)".into(),
             }),
         }
     }
 
-    /// The acquire loop: ask, then sleep until a wake-up, the head's or our
-    /// own expiry, `wait_time`, or the deadline, whichever comes first.
+    /// The acquire loop: ask (which also checks in), then sleep until a
+    /// wake-up, the head's expiry, the next check-in, or the deadline,
+    /// whichever comes first.
     async fn wait_until_served(
         &self,
         ticket: &OwnedTicket,
         options: &Resolved,
         started: Instant,
-    ) -> Result<(), LockError> {
-        if ticket.served {
-            return Ok(());
+    ) -> Result<Grant, LockError> {
+        if let Some(fence) = ticket.fence {
+            return Ok(Grant {
+                fence,
+                picked_up: true,
+                at: Instant::now(),
+            });
         }
         let cid = ticket.conversation_id.as_str();
         let me = ticket.ticket;
@@ -411,7 +424,7 @@ impl LockStore {
                 .await
                 .map_err(|f| fail(cid, f))?,
         );
-        // A tiny slack past an expiry, so the check after it sees it expired.
+        // A tiny slack past the head's expiry, so the check after it sees it expired.
         const PAST: Duration = Duration::from_millis(2);
         loop {
             let polled = self
@@ -420,7 +433,13 @@ impl LockStore {
                 .await
                 .map_err(|f| fail(cid, f))?;
             let next_check = match polled {
-                Polled::Served => return Ok(()),
+                Polled::Served { fence } => {
+                    return Ok(Grant {
+                        fence,
+                        picked_up: true,
+                        at: Instant::now(),
+                    })
+                }
                 Polled::Gone => {
                     return Err(LockError::Expired {
                         conversation_id: cid.to_owned(),
@@ -433,14 +452,18 @@ impl LockStore {
                     own_remaining,
                 } => {
                     tracing::debug!(conversation_id = cid, ticket = me.number, ahead, "waiting");
-                    let mut pause = options.wait_time.min(own_remaining + PAST);
+                    // Check in well before our ticket would lapse.
+                    let mut pause = options
+                        .wait_time
+                        .min(options.heartbeat())
+                        .min(own_remaining / 2);
                     if let Some(head) = head_remaining {
                         pause = pause.min(head + PAST);
                     }
                     Instant::now() + pause
                 }
             };
-            let wake = deadline.map_or(next_check, |d| d.min(next_check));
+            let mut wake = deadline.map_or(next_check, |d| d.min(next_check));
             // Wait for a notice that concerns us, or the next check.
             loop {
                 let notice = match subscription.as_mut() {
@@ -458,16 +481,32 @@ impl LockStore {
                     Some(Ok(Notice::Changed {
                         epoch,
                         serving,
+                        fence,
                         removed,
+                        serving_left,
                     })) if Some(epoch) == me.epoch => {
                         if removed == Some(me.number) {
                             break; // someone removed our ticket: ask to be sure
                         }
-                        match serving {
-                            // The script that sent this had just decided who
-                            // is served: if it is us, no need to ask again.
-                            Some(head) if head == me.number => return Ok(()),
-                            Some(head) if head < me.number => continue, // still behind
+                        match (serving, fence) {
+                            // The script that sent this had just granted the
+                            // lock: if to us, no need to ask again (the grant
+                            // is picked up in the background).
+                            (Some(head), Some(fence)) if head == me.number => {
+                                return Ok(Grant {
+                                    fence,
+                                    picked_up: false,
+                                    at: Instant::now(),
+                                })
+                            }
+                            (Some(head), _) if head < me.number => {
+                                // Still behind. Check when the new head's
+                                // grant runs out, in case its owner is dead.
+                                if let Some(left) = serving_left {
+                                    wake = wake.min(Instant::now() + left + PAST);
+                                }
+                                continue;
+                            }
                             _ => break, // passed over or emptied: ask whether we are gone
                         }
                     }
@@ -492,14 +531,24 @@ impl LockStore {
     }
 }
 
+/// How the lock was granted.
+#[derive(Debug, Clone, Copy)]
+struct Grant {
+    fence: u64,
+    /// Whether the store knows we have it (issue or poll said so), or it
+    /// was learnt from a wake-up and still has to be picked up.
+    picked_up: bool,
+    at: Instant,
+}
+
 /// A ticket this process owns; dropping it while armed gives it back.
 #[derive(Debug)]
 struct OwnedTicket {
     store: LockStore,
     conversation_id: String,
     ticket: TicketRef,
-    /// Served straight away by the issue.
-    served: bool,
+    /// The grant's fencing token once served.
+    fence: Option<u64>,
     armed: bool,
 }
 
@@ -546,13 +595,22 @@ impl Drop for OwnedTicket {
             store: self.store.clone(),
             conversation_id: std::mem::take(&mut self.conversation_id),
             ticket: self.ticket,
-            served: self.served,
+            fence: self.fence,
             armed: false,
         };
         runtime.spawn(async move {
             let _ = owned.give_back().await;
         });
     }
+}
+
+/// What this process knows of its lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lease {
+    /// Held until about this instant (the local estimate of the server's expiry).
+    Until(Instant),
+    /// Expired, removed, or granted to someone else.
+    Lost,
 }
 
 /// Proof that this process holds a conversation's lock.
@@ -562,18 +620,47 @@ impl Drop for OwnedTicket {
 ///   wakes the next waiter; it reports whether the lease was still valid.
 /// - Dropped inside a tokio runtime without `release`: the same release runs
 ///   in the background.
-/// - Dropped outside any runtime: nothing can run; the ticket expires after
-///   its lifetime and the next waiter is served then.
-/// - Lease expiry: after its lifetime the ticket is pruned and the next
-///   waiter served, whether or not this guard still exists. Keep critical
-///   sections shorter than the lifetime.
+/// - Dropped outside any runtime: nothing can run; the lease runs out and
+///   the next waiter is served then.
+/// - Lease expiry: the lease (the lifetime) runs from the grant. Unless it is
+///   renewed ([`LockOptions::with_auto_renew`](crate::LockOptions::with_auto_renew)
+///   or [`extend`](Self::extend)), the store serves the next waiter when it
+///   ends, whether or not this guard still exists. [`lost`](Self::lost)
+///   resolves when that happens or a renewal finds the lease gone; protect
+///   shared resources with [`fencing_token`](Self::fencing_token).
 #[must_use = "dropping the guard releases the lock at once"]
 #[derive(Debug)]
 pub struct LockGuard {
     ticket: OwnedTicket,
+    fence: u64,
+    lease: Arc<tokio::sync::watch::Sender<Lease>>,
+    /// Picks up a grant learnt from a wake-up, then renews if asked to.
+    keeper: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl LockGuard {
+    fn new(ticket: OwnedTicket, grant: Grant, options: &Resolved) -> Self {
+        let lifetime = options.lifetime();
+        let (lease, _) = tokio::sync::watch::channel(Lease::Until(grant.at + lifetime));
+        let lease = Arc::new(lease);
+        let keeper = (!grant.picked_up || options.auto_renew).then(|| {
+            let keeper = Keeper {
+                store: ticket.store.clone(),
+                conversation_id: ticket.conversation_id.clone(),
+                ticket: ticket.ticket,
+                fence: grant.fence,
+                lease: lease.clone(),
+            };
+            tokio::spawn(keeper.run(!grant.picked_up, options.auto_renew.then_some(lifetime)))
+        });
+        LockGuard {
+            ticket,
+            fence: grant.fence,
+            lease,
+            keeper,
+        }
+    }
+
     /// The ticket number this guard holds.
     pub fn ticket(&self) -> u64 {
         self.ticket.number()
@@ -584,10 +671,79 @@ impl LockGuard {
         &self.ticket.conversation_id
     }
 
+    /// This grant's fencing token: strictly greater than every earlier
+    /// grant's of this conversation, also across `cleanup`, `delete_lock` and
+    /// expired records. Pass it with every write to a shared resource and have
+    /// the resource refuse tokens lower than the highest it has seen, so a
+    /// holder whose lease ran out cannot overwrite its successor's work.
+    pub fn fencing_token(&self) -> u64 {
+        self.fence
+    }
+
+    /// Asks the store whether this guard still holds the lock.
+    pub async fn is_held(&self) -> Result<bool, LockError> {
+        if *self.lease.borrow() == Lease::Lost {
+            return Ok(false);
+        }
+        let cid = self.conversation_id();
+        let polled = self
+            .ticket
+            .store
+            .backend()
+            .poll(cid, self.ticket.ticket)
+            .await
+            .map_err(|f| fail(cid, f))?;
+        let held = matches!(polled, Polled::Served { fence } if fence == self.fence);
+        if !held {
+            self.lease.send_replace(Lease::Lost);
+        }
+        Ok(held)
+    }
+
+    /// Renews the lease to `lease` from now. Returns [`LockError::Expired`]
+    /// if it was already lost (it is never revived).
+    pub async fn extend(&self, lease: Duration) -> Result<(), LockError> {
+        let lease_ms = validate::lifetime_ms(lease, "lease")?;
+        let keeper = self.keeper_view();
+        keeper.extend(lease_ms).await
+    }
+
+    /// Resolves when the lease is lost: it ran out (by this process's clock)
+    /// or a renewal or check found it gone. Meant for `tokio::select!`
+    /// around the critical section.
+    pub async fn lost(&self) {
+        let mut lease = self.lease.subscribe();
+        loop {
+            let current = *lease.borrow_and_update();
+            match current {
+                Lease::Lost => return,
+                Lease::Until(until) => {
+                    tokio::select! {
+                        changed = lease.changed() => {
+                            if changed.is_err() {
+                                return;
+                            }
+                        }
+                        _ = tokio::time::sleep_until(until) => {
+                            // Only a renewal can have moved the deadline meanwhile.
+                            if *lease.borrow() == current {
+                                self.lease.send_replace(Lease::Lost);
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Releases the lock and wakes the next waiter. Returns
     /// [`LockError::Expired`] when the ticket had already expired or been
     /// removed (the lease was lost while held).
     pub async fn release(mut self) -> Result<(), LockError> {
+        if let Some(keeper) = self.keeper.take() {
+            keeper.abort();
+        }
         if self.ticket.give_back().await? {
             Ok(())
         } else {
@@ -595,6 +751,101 @@ impl LockGuard {
                 conversation_id: self.ticket.conversation_id.clone(),
                 ticket: self.ticket.number(),
             })
+        }
+    }
+
+    fn keeper_view(&self) -> Keeper {
+        Keeper {
+            store: self.ticket.store.clone(),
+            conversation_id: self.ticket.conversation_id.clone(),
+            ticket: self.ticket.ticket,
+            fence: self.fence,
+            lease: self.lease.clone(),
+        }
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        if let Some(keeper) = self.keeper.take() {
+            keeper.abort();
+        }
+    }
+}
+
+/// Looks after a held lease in the background: picks up a grant learnt from
+/// a wake-up, and renews the lease every third of its lifetime if asked to.
+struct Keeper {
+    store: LockStore,
+    conversation_id: String,
+    ticket: TicketRef,
+    fence: u64,
+    lease: Arc<tokio::sync::watch::Sender<Lease>>,
+}
+
+impl Keeper {
+    async fn run(self, pick_up: bool, renew: Option<Duration>) {
+        if pick_up {
+            let cid = self.conversation_id.as_str();
+            match self.store.backend().poll(cid, self.ticket).await {
+                Ok(Polled::Served { fence }) if fence == self.fence => {}
+                // Picked up too late (or re-granted): the lease is gone.
+                Ok(_) => {
+                    self.lease.send_replace(Lease::Lost);
+                    return;
+                }
+                // Not reachable: the lease stands until its local deadline.
+                Err(_) => {}
+            }
+        }
+        let Some(lifetime) = renew else { return };
+        let lifetime_ms = lifetime.as_millis() as u64;
+        loop {
+            tokio::time::sleep(lifetime / 3).await;
+            // A failed renewal is retried next round; the local deadline
+            // (watched by `lost`) says when it is too late.
+            match self.extend(lifetime_ms).await {
+                Err(LockError::Expired { .. }) => return,
+                _ => continue,
+            }
+        }
+    }
+
+    async fn extend(&self, lease_ms: u64) -> Result<(), LockError> {
+        let cid = self.conversation_id.as_str();
+        let asked = Instant::now();
+        let extended = self
+            .store
+            .backend()
+            .extend(cid, self.ticket.number, self.fence, lease_ms)
+            .await
+            .map_err(|f| fail(cid, f))?;
+        match extended {
+            Some(left) => {
+                // Counted from when we asked: never later than the server's deadline.
+                if *self.lease.borrow() != Lease::Lost {
+                    self.lease.send_replace(Lease::Until(asked + left));
+                }
+                tracing::debug!(
+                    conversation_id = cid,
+                    ticket = self.ticket.number,
+                    ?left,
+                    "lease renewed"
+                );
+                Ok(())
+            }
+            None => {
+                self.lease.send_replace(Lease::Lost);
+                tracing::debug!(
+                    conversation_id = cid,
+                    ticket = self.ticket.number,
+                    "lease lost"
+                );
+                Err(LockError::Expired {
+                    conversation_id: cid.to_owned(),
+                    ticket: self.ticket.number,
+                })
+            }
         }
     }
 }

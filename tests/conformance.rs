@@ -132,6 +132,10 @@ conformance!(
     is_someone_waiting_counts_live_tickets,
     snapshots_round_trip_through_save_get_update_delete,
     a_waiter_whose_ticket_expires_gets_expired_promptly,
+    a_live_waiter_outlasts_its_lifetime,
+    a_dead_waiter_stops_blocking_within_the_dead_waiter_timeout,
+    fencing_tokens_grow_across_grants_cleanups_and_deletes,
+    only_the_holder_extends_and_auto_renew_keeps_the_lease,
     a_waiter_whose_ticket_is_removed_gets_expired_promptly,
     a_stale_ticket_is_never_served_when_its_number_returns,
     a_cancelled_waiter_gives_its_ticket_back,
@@ -334,16 +338,183 @@ async fn snapshots_round_trip_through_save_get_update_delete(f: Fixture) {
 async fn a_waiter_whose_ticket_expires_gets_expired_promptly(f: Fixture) {
     let s = &f.store;
     let holder = s.lock_with("ew", opts(LONG)).await.unwrap();
+    let s2 = s.clone();
+    let quick_checks = opts(LONG).with_dead_waiter_timeout(Duration::from_millis(600));
+    let waiter = tokio::spawn(async move { s2.lock_with("ew", quick_checks).await });
+    while s.get_lock("ew").await.unwrap().unwrap().tickets().len() < 2 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // Someone rewrites the queue so that the waiter's ticket is a fixed one
+    // that expires in 200 ms; nothing announces an expiry.
+    let mut lock = s.get_lock("ew").await.unwrap().unwrap();
+    lock.remove_ticket_for(1);
+    let mut rewritten = TicketLock::new("ew");
+    rewritten.issue_ticket(LONG);
+    rewritten.issue_ticket(Duration::from_millis(200));
+    s.save_lock(&rewritten).await.unwrap();
     let start = Instant::now();
-    let err = s
-        .lock_with("ew", opts(Duration::from_millis(300)))
-        .await
-        .unwrap_err();
+    let err = waiter.await.unwrap().unwrap_err();
     assert!(matches!(err, LockError::Expired { ticket: 1, .. }), "{err}");
     assert!(start.elapsed() < PROMPT, "took {:?}", start.elapsed());
     assert!(err.to_string().contains("ew"), "{err}");
+    // Ticket 0 kept its grant through the save (same head), so its holder releases it.
     holder.release().await.unwrap();
     f.assert_gone("ew").await;
+}
+
+async fn a_live_waiter_outlasts_its_lifetime(f: Fixture) {
+    let s = &f.store;
+    let short = LockOptions::default()
+        .with_lifetime(Duration::from_millis(200))
+        .with_dead_waiter_timeout(Duration::from_millis(300))
+        .with_wait_time(LONG);
+    let holder = s.lock_with("lw", opts(LONG)).await.unwrap();
+    let s2 = s.clone();
+    let waiter = tokio::spawn(async move { s2.lock_with("lw", short).await });
+    // Waiting ten times the lifetime and three times the dead-waiter timeout
+    // costs the live waiter nothing.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(!waiter.is_finished());
+    holder.release().await.unwrap();
+    let g = tokio::time::timeout(PROMPT, waiter)
+        .await
+        .expect("served")
+        .unwrap()
+        .unwrap();
+    assert_eq!(g.ticket(), 1);
+    // The lease counts from the grant: 200 ms.
+    assert!(g.is_held().await.unwrap());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!g.is_held().await.unwrap());
+    assert!(matches!(g.release().await, Err(LockError::Expired { .. })));
+    s.delete_lock("lw").await.unwrap();
+    f.assert_gone("lw").await;
+}
+
+async fn a_dead_waiter_stops_blocking_within_the_dead_waiter_timeout(f: Fixture) {
+    let s = &f.store;
+    let holder = s.lock_with("dw", opts(LONG)).await.unwrap();
+    // A waiter whose process dies: its future is leaked, so it neither checks
+    // in nor gives its ticket back.
+    let dying = opts(LONG).with_dead_waiter_timeout(Duration::from_millis(300));
+    let mut doomed = Box::pin(s.lock_with("dw", dying));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), doomed.as_mut())
+            .await
+            .is_err()
+    );
+    std::mem::forget(doomed);
+    let s2 = s.clone();
+    let next = tokio::spawn(async move { s2.lock_with("dw", opts(LONG)).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let released = Instant::now();
+    holder.release().await.unwrap();
+    let g = tokio::time::timeout(PROMPT, next)
+        .await
+        .expect("the dead waiter blocked the queue")
+        .unwrap()
+        .unwrap();
+    let waited = released.elapsed();
+    assert_eq!(g.ticket(), 2);
+    assert!(
+        waited < Duration::from_millis(1500),
+        "the queue moved on after {waited:?}"
+    );
+    g.release().await.unwrap();
+    f.assert_gone("dw").await;
+}
+
+async fn fencing_tokens_grow_across_grants_cleanups_and_deletes(f: Fixture) {
+    let s = &f.store;
+    let mut last = 0;
+    for round in 0..20 {
+        let g = s.lock_with("fe", opts(LONG)).await.unwrap();
+        assert!(
+            g.fencing_token() > last,
+            "round {round}: {} after {last}",
+            g.fencing_token()
+        );
+        last = g.fencing_token();
+        match round % 3 {
+            0 => g.release().await.unwrap(), // cleanup deletes the record
+            1 => {
+                s.delete_lock("fe").await.unwrap();
+                drop(g);
+            }
+            _ => {
+                // A hand-over inside one record.
+                let s2 = s.clone();
+                let waiter =
+                    tokio::spawn(async move { s2.lock_with("fe", opts(LONG)).await.unwrap() });
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                g.release().await.unwrap();
+                let g2 = waiter.await.unwrap();
+                assert!(g2.fencing_token() > last);
+                last = g2.fencing_token();
+                g2.release().await.unwrap();
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    f.assert_gone("fe").await;
+}
+
+async fn only_the_holder_extends_and_auto_renew_keeps_the_lease(f: Fixture) {
+    let s = &f.store;
+    let short = LockOptions::default()
+        .with_lifetime(Duration::from_millis(300))
+        .with_wait_time(LONG);
+    let g = s.lock_with("ex", short).await.unwrap();
+    g.extend(Duration::from_millis(1500)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        g.is_held().await.unwrap(),
+        "extend did not lengthen the lease"
+    );
+    g.release().await.unwrap();
+
+    let renewing = short.with_auto_renew(true);
+    let g = s.lock_with("ex", renewing).await.unwrap();
+    let s2 = s.clone();
+    let waiter = tokio::spawn(async move { s2.lock_with("ex", opts(LONG)).await });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(
+        g.is_held().await.unwrap(),
+        "auto-renew let a 300 ms lease lapse"
+    );
+    assert!(!waiter.is_finished(), "a second holder got in");
+    // lost() does not fire while renewed.
+    assert!(tokio::time::timeout(Duration::from_millis(200), g.lost())
+        .await
+        .is_err());
+    g.release().await.unwrap();
+    let g2 = tokio::time::timeout(PROMPT, waiter)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+
+    // Without renewal the lease lapses and lost() says so.
+    drop(g2);
+    let g = s.lock_with("ex", short).await.unwrap();
+    let started = Instant::now();
+    tokio::time::timeout(PROMPT, g.lost())
+        .await
+        .expect("lost() never fired");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(matches!(
+        g.extend(Duration::from_secs(5)).await,
+        Err(LockError::Expired { .. })
+    ));
+    drop(g);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.update_lock("ex").await.unwrap();
+    s.delete_lock("ex").await.unwrap();
+    f.assert_gone("ex").await;
 }
 
 async fn a_waiter_whose_ticket_is_removed_gets_expired_promptly(f: Fixture) {
@@ -804,6 +975,7 @@ async fn redis_uncontended_lock_and_release_cost_two_round_trips() {
         "del",
         "publish",
         "zrank",
+        "hdel",
     ]
     .iter()
     .map(|c| calls(c))

@@ -590,16 +590,9 @@ async fn script_flush_is_handled_without_a_single_error() {
             .query_async(admin)
             .await
             .expect("SCRIPT FLUSH");
+        // (Not asserting "0 cached scripts" here: a guard's background
+        // pick-up may already have loaded one again.)
         assert_eq!(reply, "OK");
-        let info: String = redis::cmd("INFO")
-            .arg("memory")
-            .query_async(admin)
-            .await
-            .expect("INFO memory");
-        assert!(
-            info.contains("number_of_cached_scripts:0"),
-            "SCRIPT FLUSH left scripts: {info}"
-        );
     }
 
     // Every operation, each right after a flush: no error may surface.

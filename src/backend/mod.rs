@@ -33,12 +33,16 @@ pub(crate) struct Issued {
     pub(crate) epoch: u64,
     pub(crate) now_serving: u64,
     pub(crate) head_remaining: Option<Duration>,
+    /// The fencing token, when the new ticket is served at once.
+    pub(crate) fence: Option<u64>,
 }
 
 /// Reply of `poll` (lua/poll.lua).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Polled {
-    Served,
+    Served {
+        fence: u64,
+    },
     Waiting {
         ahead: u64,
         head_remaining: Option<Duration>,
@@ -132,7 +136,22 @@ pub(crate) type Result<T> = std::result::Result<T, Fault>;
 
 /// One method per script; each returns that script's decoded reply.
 pub(crate) trait Backend: Send + Sync {
-    fn issue(&self, cid: &str, lifetime_ms: u64) -> impl Future<Output = Result<Issued>> + Send;
+    /// `liveness_ms`: `Some` for a renewing ticket (what `lock` takes), `None`
+    /// for a fixed one (Rasa's `issue_ticket`); see lua/common.lua.
+    fn issue(
+        &self,
+        cid: &str,
+        lifetime_ms: u64,
+        liveness_ms: Option<u64>,
+    ) -> impl Future<Output = Result<Issued>> + Send;
+    /// Renews the served ticket's lease; `None` when the lease was lost.
+    fn extend(
+        &self,
+        cid: &str,
+        ticket: u64,
+        fence: u64,
+        lease_ms: u64,
+    ) -> impl Future<Output = Result<Option<Duration>>> + Send;
     fn poll(&self, cid: &str, ticket: TicketRef) -> impl Future<Output = Result<Polled>> + Send;
     fn release(
         &self,
@@ -171,8 +190,17 @@ macro_rules! dispatch {
 }
 
 impl Backend for AnyBackend {
-    async fn issue(&self, cid: &str, lifetime_ms: u64) -> Result<Issued> {
-        dispatch!(self, b => b.issue(cid, lifetime_ms))
+    async fn issue(&self, cid: &str, lifetime_ms: u64, liveness_ms: Option<u64>) -> Result<Issued> {
+        dispatch!(self, b => b.issue(cid, lifetime_ms, liveness_ms))
+    }
+    async fn extend(
+        &self,
+        cid: &str,
+        ticket: u64,
+        fence: u64,
+        lease_ms: u64,
+    ) -> Result<Option<Duration>> {
+        dispatch!(self, b => b.extend(cid, ticket, fence, lease_ms))
     }
     async fn poll(&self, cid: &str, ticket: TicketRef) -> Result<Polled> {
         dispatch!(self, b => b.poll(cid, ticket))

@@ -131,27 +131,35 @@ fn epoch_arg(ticket: TicketRef) -> String {
     ticket.epoch.map(|e| e.to_string()).unwrap_or_default()
 }
 
-/// lua/issue.lua's reply: { ticket, epoch, now_serving, head_remaining_ms }.
+/// lua/issue.lua's reply: { ticket, epoch, now_serving, head_remaining_ms, fence }.
 pub(crate) fn decode_issue(reply: &[i64]) -> Result<Issued> {
     match *reply {
-        [ticket, epoch, now_serving, head] if ticket >= 0 && epoch >= 0 && now_serving >= 0 => {
+        [ticket, epoch, now_serving, head, fence]
+            if ticket >= 0
+                && epoch >= 0
+                && now_serving >= 0
+                && (fence >= 0) == (ticket == now_serving) =>
+        {
             Ok(Issued {
                 ticket: ticket as u64,
                 epoch: epoch as u64,
                 now_serving: now_serving as u64,
                 head_remaining: ms(head),
+                fence: number(fence),
             })
         }
         _ => Err(shape("issue", reply)),
     }
 }
 
-/// lua/poll.lua's reply: { status, now_serving, ahead, head_remaining_ms, own_remaining_ms }.
+/// lua/poll.lua's reply: { status, now_serving, ahead, head_remaining_ms, own_remaining_ms, fence }.
 pub(crate) fn decode_poll(reply: &[i64]) -> Result<Polled> {
     match *reply {
-        [1, _, _, _, _] => Ok(Polled::Served),
-        [-1, _, _, _, _] => Ok(Polled::Gone),
-        [0, _, ahead, head, own] if ahead >= 0 && own >= 0 => Ok(Polled::Waiting {
+        [1, _, _, _, _, fence] if fence >= 0 => Ok(Polled::Served {
+            fence: fence as u64,
+        }),
+        [-1, _, _, _, _, _] => Ok(Polled::Gone),
+        [0, _, ahead, head, own, _] if ahead >= 0 && own >= 0 => Ok(Polled::Waiting {
             ahead: ahead as u64,
             head_remaining: ms(head),
             own_remaining: Duration::from_millis(own as u64),
@@ -196,6 +204,15 @@ pub(crate) fn decode_read(reply: &[i64]) -> Result<Option<Record>> {
     }
 }
 
+/// lua/extend.lua's reply: { held, remaining_ms }.
+pub(crate) fn decode_extend(reply: &[i64]) -> Result<Option<Duration>> {
+    match *reply {
+        [1, left] if left >= 0 => Ok(Some(Duration::from_millis(left as u64))),
+        [0, _] => Ok(None),
+        _ => Err(shape("extend", reply)),
+    }
+}
+
 /// lua/update.lua's reply: { pruned, now_serving }.
 pub(crate) fn decode_update(reply: &[i64]) -> Result<Updated> {
     match *reply {
@@ -216,12 +233,23 @@ fn decode_single(script: &str, reply: &[i64]) -> Result<i64> {
 }
 
 impl Backend for RedisBackend {
-    async fn issue(&self, cid: &str, lifetime_ms: u64) -> Result<Issued> {
-        decode_issue(
-            &self
-                .run(&scripts::ISSUE, cid, &[lifetime_ms.to_string()])
-                .await?,
-        )
+    async fn issue(&self, cid: &str, lifetime_ms: u64, liveness_ms: Option<u64>) -> Result<Issued> {
+        let args = [
+            lifetime_ms.to_string(),
+            liveness_ms.map(|l| l.to_string()).unwrap_or_default(),
+        ];
+        decode_issue(&self.run(&scripts::ISSUE, cid, &args).await?)
+    }
+
+    async fn extend(
+        &self,
+        cid: &str,
+        ticket: u64,
+        fence: u64,
+        lease_ms: u64,
+    ) -> Result<Option<Duration>> {
+        let args = [ticket.to_string(), fence.to_string(), lease_ms.to_string()];
+        decode_extend(&self.run(&scripts::EXTEND, cid, &args).await?)
     }
 
     async fn poll(&self, cid: &str, ticket: TicketRef) -> Result<Polled> {
@@ -327,16 +355,19 @@ mod tests {
     #[test]
     fn replies_that_break_the_contract_are_errors_not_panics() {
         assert!(decode_issue(&[]).is_err());
-        assert!(decode_issue(&[-1, 0, 0, 0]).is_err());
-        assert!(decode_poll(&[7, 0, 0, 0, 0]).is_err());
-        assert!(decode_poll(&[0, 0, -3, 0, 5]).is_err());
+        assert!(decode_issue(&[-1, 0, 0, 0, -1]).is_err());
+        assert!(decode_issue(&[1, 0, 1, 0, -1]).is_err());
+        assert!(decode_poll(&[7, 0, 0, 0, 0, -1]).is_err());
+        assert!(decode_poll(&[0, 0, -3, 0, 5, -1]).is_err());
+        assert!(decode_poll(&[1, 0, 0, 0, 5, -1]).is_err());
+        assert!(decode_extend(&[1, -1]).is_err());
         assert!(decode_release(&[2, 0]).is_err());
         assert!(decode_read(&[1, 0, 0, 0, 5]).is_err());
         assert!(decode_read(&[1, 0, 0, 1, -5, 3]).is_err());
         assert!(decode_update(&[-1, 0]).is_err());
         assert_eq!(decode_read(&[0]).unwrap(), None);
         assert_eq!(
-            decode_poll(&[0, 3, 2, 10, 50]).unwrap(),
+            decode_poll(&[0, 3, 2, 10, 50, -1]).unwrap(),
             Polled::Waiting {
                 ahead: 2,
                 head_remaining: Some(Duration::from_millis(10)),
