@@ -44,6 +44,28 @@ impl KeySpace {
     }
 }
 
+/// The Redis keys of one conversation, `[meta, queue, expiry]`, as every
+/// script takes them (`KEYS[1..3]`); the meta key's name is also the
+/// conversation's wake-up channel. For operators and other clients.
+///
+/// ```
+/// let keys = ticketlock::conversation_keys(None, "conv-1").unwrap();
+/// assert_eq!(keys, ["lock:{conv-1}", "lock:{conv-1}:q", "lock:{conv-1}:e"]);
+/// let keys = ticketlock::conversation_keys(Some("bot1"), "a}b").unwrap();
+/// assert_eq!(keys[0], "bot1:lock:{a%7Db}");
+/// ```
+pub fn conversation_keys(
+    key_prefix: Option<&str>,
+    conversation_id: &str,
+) -> Result<[String; 3], crate::LockError> {
+    crate::validate::conversation_id(conversation_id)?;
+    let prefix = match key_prefix {
+        Some(p) => crate::validate::key_prefix(p)?,
+        None => crate::validate::DEFAULT_KEY_PREFIX.to_owned(),
+    };
+    Ok(KeySpace::new(prefix).all(conversation_id))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,10 @@
 //! Argument parsing, logging set-up, errors and exit codes of the binary.
 
 mod children;
+mod connect;
+mod inspect;
 mod report;
+mod scripts;
 mod simulate;
 mod state;
 
@@ -11,13 +14,19 @@ use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 use clap::{Parser, Subcommand};
+use ticketlock::LockError;
 
 /// Exit codes, shown at the end of `--help`.
 pub(crate) const EXIT_CODES: &str = "\
 Exit codes:
-  0    every invariant held (FIFO order, mutual exclusion, no lost update, no lock error)
-  1    an invariant broke: order violations, overlaps, lost updates or lock errors > 0
-  2    bad arguments (a usage error: one line on stderr)
+  0    done; simulate: every invariant held (FIFO order, mutual exclusion, no lost
+       update, no lock error)
+  1    simulate: an invariant broke (order violations, overlaps, lost updates or lock
+       errors > 0); inspect: the conversation's keys hold foreign or inconsistent
+       data; scripts load: Redis computed another SHA1 than ticketlock
+  2    bad arguments or configuration (one line on stderr): a usage error, an invalid
+       conversation id or key prefix, an invalid TICKET_LOCK_LIFETIME, no --redis
+       where one is needed
   3    the store could not be created or reached (unreachable Redis, malformed or
        unsupported URL), or a child process failed
   130  interrupted (Ctrl-C)";
@@ -39,6 +48,12 @@ enum Command {
     /// Play a multi-instance chatbot fleet against the lock and check that
     /// every conversation's messages are handled one at a time, in ticket order.
     Simulate(simulate::SimulateArgs),
+    /// Show one conversation's queue in Redis as it stands (read-only): every
+    /// ticket in serving order, who is served, its fencing token, the keys' TTLs.
+    Inspect(inspect::InspectArgs),
+    /// Print the Lua scripts (and their SHA1s) or load them into Redis, for
+    /// clients in other languages.
+    Scripts(scripts::ScriptsArgs),
 }
 
 impl Cli {
@@ -70,6 +85,8 @@ impl Cli {
     pub(crate) async fn run(self) -> Result<ExitCode, CliError> {
         match self.command {
             Command::Simulate(args) => simulate::run(args, self.verbose).await,
+            Command::Inspect(args) => inspect::run(args).await,
+            Command::Scripts(args) => scripts::run(args).await,
         }
     }
 }
@@ -132,6 +149,39 @@ impl fmt::Display for CliError {
         // Always exactly one line.
         f.write_str(&self.message.replace(['\r', '\n'], " "))
     }
+}
+
+/// What creating a store failed with, as an exit code. A rejected setting
+/// (TICKET_LOCK_LIFETIME, key prefix, socket timeout) is bad input: exit 2.
+/// Everything about the address (a malformed or unsupported URL, as
+/// documented, whatever part of it the library names) and every failure to
+/// reach the server: exit 3.
+pub(crate) fn store_error(url: &str, error: LockError) -> CliError {
+    match error {
+        LockError::InvalidInput {
+            what: "TICKET_LOCK_LIFETIME" | "key prefix" | "socket timeout" | "lifetime",
+            ..
+        } => CliError::usage(error.to_string()),
+        // Already names the (redacted) URL and what is wrong with it.
+        LockError::InvalidInput { .. } => CliError::store(error.to_string()),
+        e => CliError::store(format!("cannot connect to {}: {e}", redact_url(url))),
+    }
+}
+
+/// `--key-prefix`: what the library accepts (it becomes `<PREFIX>:lock:`).
+pub(crate) fn parse_prefix(text: &str) -> Result<String, String> {
+    if text.is_empty() || !text.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return Err("it must be non-empty and ASCII alphanumeric (A-Z, a-z, 0-9)".into());
+    }
+    Ok(text.to_owned())
+}
+
+/// An empty URL or `memory://` (the library's spellings) selects the in-memory store.
+pub(crate) fn is_memory_url(url: &str) -> bool {
+    matches!(
+        url.trim(),
+        "" | "memory" | "memory://" | "in_memory" | "in_memory://"
+    )
 }
 
 /// `ticketlock: <message>` on stderr; never panics (a closed stderr is ignored).

@@ -24,7 +24,10 @@ use ticketlock::{LockError, LockOptions, LockStore, StoreConfig, MAX_LIFETIME};
 use super::children;
 use super::report::{Samples, Setup, Summary};
 use super::state::{now_ns, Shared};
-use super::{print_error, print_out, redact_url, CliError, EXIT_CODES};
+use super::{
+    is_memory_url, parse_prefix, print_error, print_out, redact_url, store_error, CliError,
+    EXIT_CODES,
+};
 
 /// Most messages one run may simulate (samples are kept in memory).
 const MAX_MESSAGES: u64 = 1_000_000;
@@ -114,13 +117,6 @@ fn parse_lifetime(text: &str) -> Result<Duration, String> {
         ));
     }
     Ok(Duration::from_secs_f64(secs))
-}
-
-fn parse_prefix(text: &str) -> Result<String, String> {
-    if text.is_empty() || !text.chars().all(|c| c.is_ascii_alphanumeric()) {
-        return Err("it must be non-empty and ASCII alphanumeric (A-Z, a-z, 0-9)".into());
-    }
-    Ok(text.to_owned())
 }
 
 /// The checked arguments of one run.
@@ -247,14 +243,6 @@ impl Plan {
     }
 }
 
-/// An empty URL or `memory://` (the library's spellings) selects the in-memory store.
-fn is_memory_url(url: &str) -> bool {
-    matches!(
-        url.trim(),
-        "" | "memory" | "memory://" | "in_memory" | "in_memory://"
-    )
-}
-
 /// Alphanumeric and unique enough: pid and wall-clock nanoseconds.
 fn new_run_id() -> String {
     format!(
@@ -375,18 +363,17 @@ async fn cleanup(plan: &Plan, shared: &Shared) -> Result<(), String> {
     })
 }
 
-/// The lock store the arguments name. Failing to create or reach it is exit 3.
+/// The lock store the arguments name. A rejected setting (TICKET_LOCK_LIFETIME,
+/// key prefix) is exit 2; failing to reach the store or a bad URL is exit 3.
 pub(crate) async fn open_store(plan: &Plan) -> Result<LockStore, CliError> {
     let Some(url) = &plan.redis else {
         return Ok(LockStore::in_memory());
     };
     let mut config = StoreConfig::redis(url.clone());
     config.key_prefix = plan.key_prefix.clone();
-    LockStore::create(Some(&config)).await.map_err(|e| match e {
-        // Already names the (redacted) URL and what is wrong with it.
-        LockError::InvalidInput { .. } => CliError::store(e.to_string()),
-        e => CliError::store(format!("cannot connect to {}: {e}", redact_url(url))),
-    })
+    LockStore::create(Some(&config))
+        .await
+        .map_err(|e| store_error(url, e))
 }
 
 /// The probes' home: this process's memory, or Redis.
