@@ -11,7 +11,8 @@
 --         that reuses its number after the record was deleted
 --
 -- Reply: { removed, now_serving }
---   removed      1 if the ticket was there and is gone now, else 0
+--   removed      1 if the ticket was live and is gone now; 0 if it was not
+--                there, or had already expired (a holder's lease had lapsed)
 --   now_serving  number served now, -1 if none
 --
 -- Keeps: remove the ticket and prune before granting and publishing, or the
@@ -30,13 +31,15 @@ local now, now_us = clock()
 local epoch = redis.call('HGET', meta, 'epoch')
 if not epoch then return { 0, -1 } end
 local before = head(queue)
+-- Prune before removing: a ticket whose lease already ran out is reported as
+-- not removed, so its holder learns it lost the lock.
+prune(meta, queue, expiry, now)
 local removed = 0
 if ARGV[3] == '' or tonumber(ARGV[3]) == tonumber(epoch) then
   removed = redis.call('ZREM', queue, ticket)
   redis.call('ZREM', expiry, ticket)
   redis.call('HDEL', meta, 'l' .. ticket)
 end
-prune(meta, queue, expiry, now)
 
 if head(queue) == -1 and mode == 'cleanup' then
   redis.call('DEL', meta, queue, expiry)

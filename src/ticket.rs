@@ -116,7 +116,7 @@ impl TicketLock {
     /// which does this atomically in the store.
     pub fn issue_ticket(&mut self, lifetime: Duration) -> u64 {
         let number = self.next_number;
-        self.next_number += 1;
+        self.next_number = self.next_number.saturating_add(1);
         self.tickets.push(Ticket::new(number, lifetime));
         number
     }

@@ -175,7 +175,8 @@ impl State {
     /// Drops the records whose keys would have expired in Redis.
     fn expire_records(&mut self, now: Instant) {
         while let Some((at, cid)) = self.expiries.first().cloned() {
-            if at > now {
+            // Redis drops a key once its expiry time has passed (now > at).
+            if at >= now {
                 break;
             }
             self.expiries.pop_first();
@@ -319,8 +320,9 @@ impl State {
     ) -> (Released, Option<Notice>) {
         let Some((before, removed, emptied)) = self.with(cid, now, |c, _| {
             let before = c.head();
-            let removed = ticket.epoch.is_none_or(|e| e == c.epoch) && c.remove(ticket.number);
+            // Prune first: an expired ticket counts as not removed.
             c.prune(now);
+            let removed = ticket.epoch.is_none_or(|e| e == c.epoch) && c.remove(ticket.number);
             (before, removed, c.head().is_none())
         }) else {
             return (
@@ -492,6 +494,8 @@ impl State {
 struct Shared {
     state: Mutex<State>,
     notifier: Notifier,
+    /// Set only by the differential tests: time stands still until they move it.
+    manual_clock: Option<Mutex<Instant>>,
 }
 
 /// The in-memory backend: [`State`] behind a mutex plus direct wake-ups.
@@ -501,6 +505,30 @@ pub(crate) struct MemoryBackend {
 }
 
 impl MemoryBackend {
+    /// A backend whose clock only moves by [`advance`](Self::advance) (tests only).
+    pub(crate) fn with_manual_clock() -> Self {
+        MemoryBackend {
+            shared: Arc::new(Shared {
+                manual_clock: Some(Mutex::new(Instant::now())),
+                ..Shared::default()
+            }),
+        }
+    }
+
+    /// Moves a manual clock forward; the real clock cannot be moved.
+    pub(crate) fn advance(&self, by: Duration) {
+        if let Some(clock) = &self.shared.manual_clock {
+            *clock.lock().unwrap_or_else(|p| p.into_inner()) += by;
+        }
+    }
+
+    fn now(&self) -> Instant {
+        match &self.shared.manual_clock {
+            Some(clock) => *clock.lock().unwrap_or_else(|p| p.into_inner()),
+            None => Instant::now(),
+        }
+    }
+
     /// Runs one transition and sends its notice while still holding the state
     /// lock, so waiters see notices in the order the transitions happened.
     fn run<T>(
@@ -511,7 +539,7 @@ impl MemoryBackend {
         // Transitions never panic half-way through a change (they validate
         // first), so a poisoned lock still guards consistent state.
         let mut state = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
-        let (reply, notice) = step(&mut state, Instant::now());
+        let (reply, notice) = step(&mut state, self.now());
         if let Some(notice) = notice {
             self.shared.notifier.send(cid, notice);
         }
