@@ -10,11 +10,11 @@
 -- `<custom>:lock:`:
 --   KEYS[1] meta   HASH  <prefix>{<id>}
 --            next       number the next ticket gets (0, 1, 2 ...)
---            epoch      Redis time (µs) the record was created
+--            epoch      Redis time (us) the record was created
 --            served     the ticket granted last (the head when it was granted)
 --            served_at  when it was granted (ms, Redis TIME)
 --            fence      that grant's fencing token: max(previous + 1, Redis time
---                       in µs), so tokens grow over every grant, even across a
+--                       in us), so tokens grow over every grant, even across a
 --                       deleted or expired record (while Redis's clock does)
 --            held       equals served once its owner picked the grant up
 --            l<n>       "<lease ms> <liveness ms>" for renewing ticket n
@@ -27,11 +27,28 @@
 --   renewing  (issue with liveness; what `lock` takes) expires `liveness` after
 --             its waiter last polled, so a live waiter waits as long as it
 --             likes and a dead one stops blocking the queue within `liveness`.
---             When granted, its owner has `liveness` to pick the grant up (a
---             poll, or the owner's own issue), and from then its lease runs
+--             When granted, its owner must pick the grant up (a poll, or the
+--             owner's own issue) before the ticket's waiting expiry, and from
+--             then its lease runs
 --             `lease` ms counted from the grant; the owner may extend it.
+--             A wake-up naming the owner's ticket is enough to start work, but
+--             the owner must still poll before its waiting ticket would have
+--             expired, or the grant lapses.
 --
--- Wake-ups are PUBLISHed on the channel named like the meta key, as
+-- The acquire loop every client runs (the Rust crate, scripts/ticketlock.py):
+--   1. issue (with liveness); if now_serving == ticket, it holds the lock;
+--   2. SUBSCRIBE to the channel and wait for the confirmation, then poll (so
+--      a hand-over is either in the poll's answer or pushed afterwards);
+--   3. until served or gone: wait for a wake-up, the served ticket's expiry
+--      (head_remaining_ms / serving_ms), or the next check-in (at most a
+--      third of liveness, and half the ticket's own remaining life), then
+--      poll; a wake-up naming our ticket and epoch means served (pick the
+--      grant up with a poll soon), one naming a lower ticket means keep
+--      waiting, anything else means poll now;
+--   4. release with mode "cleanup" and the epoch.
+--
+-- Wake-ups are PUBLISHed (SPUBLISHed on Redis Cluster: see PUBLISH below) on
+-- the channel named like the meta key, as
 -- "<epoch> <serving> <fence> <removed> <serving_ms>" (integers, -1 for none):
 -- the ticket granted now with its fencing token, a waiting ticket someone
 -- removed (so its waiter learns at once that it is gone), and the ms until
@@ -47,6 +64,10 @@
 --   * every key expires at the latest ticket expiry plus MARGIN_MS.
 
 local MARGIN_MS = 1000
+-- The command wake-ups go out with. For Redis Cluster the crate replaces
+-- 'PUBLISH' by 'SPUBLISH' on this one line (sharded pub/sub: a wake-up stays
+-- on the conversation's own shard); nothing else differs.
+local PUBLISH = 'PUBLISH'
 local MAX_LIFETIME_MS = 31536000000 -- 365 days
 
 local function clock()
@@ -56,7 +77,7 @@ local function clock()
 end
 
 -- Check types before the first write: Redis does not roll a script back when a
--- later command fails, so a wrong-typed key must stop us while nothing changed.
+-- later command fails, so foreign data must stop us while nothing changed.
 local function check_types(meta, queue, expiry)
   local wanted = { [meta] = 'hash', [queue] = 'zset', [expiry] = 'zset' }
   for key, want in pairs(wanted) do
@@ -64,6 +85,18 @@ local function check_types(meta, queue, expiry)
     if got ~= 'none' and got ~= want then
       error({ err = 'WRONGTYPE ticketlock: key ' .. key .. ' holds a ' .. got .. ', expected a ' .. want })
     end
+  end
+  local fields = { 'next', 'epoch', 'served', 'served_at', 'fence', 'held' }
+  local values = redis.call('HMGET', meta, unpack(fields))
+  for i, name in ipairs(fields) do
+    if values[i] and not tonumber(values[i]) then
+      error({ err = 'WRONGTYPE ticketlock: field ' .. name .. ' of key ' .. meta .. ' holds a non-number' })
+    end
+  end
+  local first = redis.call('ZRANGE', queue, 0, 0)[1]
+  local last = redis.call('ZRANGE', queue, -1, -1)[1]
+  if (first and not tonumber(first)) or (last and not tonumber(last)) then
+    error({ err = 'WRONGTYPE ticketlock: key ' .. queue .. ' holds a member that is not a ticket number' })
   end
 end
 
@@ -116,17 +149,16 @@ local function terms(meta, number)
   return tonumber(lease), tonumber(liveness)
 end
 
--- The head becomes the holder: a new fencing token, and a renewing head gets
--- `liveness` to be picked up by its owner (a dead owner must not hold the
--- queue for a whole lease).
-local function grant(meta, expiry, h, now, now_us)
+-- The head becomes the holder: a new fencing token. A renewing head keeps
+-- the expiry its last check-in gave it: a live owner (checking in every third
+-- of `liveness`) has time to pick the grant up, and a dead one stops blocking
+-- the queue `liveness` after its last check-in, not after the grant.
+local function grant(meta, h, now, now_us)
   if h == -1 or tonumber(redis.call('HGET', meta, 'served')) == h then return end
   local fence = tonumber(redis.call('HGET', meta, 'fence')) or 0
   if now_us > fence then fence = now_us else fence = fence + 1 end
   redis.call('HSET', meta, 'served', h, 'served_at', now, 'fence', fence)
   redis.call('HDEL', meta, 'held')
-  local _, liveness = terms(meta, h)
-  if liveness then redis.call('ZADD', expiry, now + liveness, h) end
 end
 
 -- The owner of the served ticket has it: the lease runs from the grant.
@@ -160,7 +192,7 @@ local function announce(meta, expiry, epoch, before, after, now, quiet, removed)
     local fence = -1
     if after ~= -1 then fence = redis.call('HGET', meta, 'fence') end
     local left = remaining(expiry, after, now)
-    redis.call('PUBLISH', meta, epoch .. ' ' .. after .. ' ' .. fence .. ' ' .. (removed or -1) .. ' ' .. left)
+    redis.call(PUBLISH, meta, epoch .. ' ' .. after .. ' ' .. fence .. ' ' .. (removed or -1) .. ' ' .. left)
   end
 end
 
@@ -169,7 +201,7 @@ end
 -- (the announcement carries the grant's token). Returns the head.
 local function settle(meta, queue, expiry, epoch, before, now, now_us, quiet, removed)
   local after = head(queue)
-  grant(meta, expiry, after, now, now_us)
+  grant(meta, after, now, now_us)
   touch(meta, queue, expiry)
   announce(meta, expiry, epoch, before, after, now, quiet, removed)
   return after

@@ -14,5 +14,5 @@ check_types(meta, queue, expiry)
 local epoch = redis.call('HGET', meta, 'epoch')
 redis.call('DEL', meta, queue, expiry)
 if not epoch then return { 0 } end
-redis.call('PUBLISH', meta, epoch .. ' -1 -1 -1 -1')
+redis.call(PUBLISH, meta, epoch .. ' -1 -1 -1 -1')
 return { 1 }

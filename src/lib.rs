@@ -15,13 +15,16 @@ mod notify;
 mod options;
 mod scripts;
 mod store;
+mod testing;
 mod ticket;
 mod validate;
 
 pub use crate::config::{
-    ScriptMode, StoreConfig, StoreType, DEFAULT_DB, DEFAULT_PORT, DEFAULT_SOCKET_TIMEOUT,
+    DeploymentMode, ScriptMode, StoreConfig, StoreType, DEFAULT_DB, DEFAULT_PORT,
+    DEFAULT_SENTINEL_PORT, DEFAULT_SOCKET_TIMEOUT,
 };
 pub use crate::error::LockError;
+pub use crate::keys::conversation_keys;
 pub use crate::options::{
     LockOptions, DEFAULT_DEAD_WAITER_TIMEOUT, DEFAULT_LIFETIME, DEFAULT_WAIT_TIME, LIFETIME_ENV,
 };
@@ -48,5 +51,34 @@ pub mod __bench {
             "extend" => r::decode_extend(reply).is_ok(),
             _ => false,
         }
+    }
+}
+
+/// Fault injection for this crate's own tests; not part of the API and not
+/// covered by semver.
+#[doc(hidden)]
+pub mod __testing {
+    pub use crate::backend::faulty::{Injected, Op};
+    pub use crate::testing::{manual_clock_stores, ManualClock};
+
+    /// Checks a URL the way `LockStore::from_url` does, without connecting.
+    pub fn check_url(url: &str) -> Result<(), crate::LockError> {
+        if crate::config::is_memory_url(url) {
+            return Ok(());
+        }
+        crate::config::target_from_url(url, None, None).map(drop)
+    }
+
+    /// Checks a configuration the way `LockStore::create` does, without connecting.
+    pub fn check_config(config: &crate::StoreConfig) -> Result<(), crate::LockError> {
+        crate::config::target_from_config(config).map(drop)
+    }
+
+    /// `store`, seen through a backend that asks `plan` what to do to each call.
+    pub fn with_faults(
+        store: &crate::LockStore,
+        plan: impl Fn(Op) -> Injected + Send + Sync + 'static,
+    ) -> crate::LockStore {
+        store.with_faults(plan)
     }
 }

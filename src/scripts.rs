@@ -11,6 +11,13 @@
 //! exactly once. Functions are called with FCALL (FCALL_RO for read-only
 //! ones); a server that lost them (restart, `FUNCTION FLUSH`) gets the library
 //! again and the call is retried exactly once. Every other error passes through.
+//!
+//! Redis Cluster deployments announce wake-ups with sharded pub/sub
+//! (`SPUBLISH`), so they stay on the conversation's shard. That variant of
+//! every script ([`Channels::Sharded`]) is the same code with the one line
+//! `local PUBLISH = 'PUBLISH'` of `lua/common.lua` reading `'SPUBLISH'`: its
+//! own SHAs, and its own Functions library [`SHARDED_LIBRARY_NAME`] (function
+//! names are global in Redis, so the two libraries never collide).
 
 use std::sync::OnceLock;
 
@@ -23,6 +30,37 @@ const COMMON: &str = include_str!("../lua/common.lua");
 /// contract does, so two versions of the crate can share one Redis.
 pub const LIBRARY_NAME: &str = "ticketlock_v1";
 
+/// Name of the Functions library of the sharded variant (Redis Cluster).
+pub(crate) const SHARDED_LIBRARY_NAME: &str = "ticketlock_v1s";
+
+/// The one line of `lua/common.lua` that differs between the variants.
+const PUBLISH_LINE: &str = "local PUBLISH = 'PUBLISH'";
+const SHARDED_PUBLISH_LINE: &str = "local PUBLISH = 'SPUBLISH'";
+
+/// Which pub/sub the scripts announce wake-ups on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Channels {
+    /// `PUBLISH` / `SUBSCRIBE`: one server, or the master Sentinel names.
+    Classic,
+    /// `SPUBLISH` / `SSUBSCRIBE`: Redis Cluster, on the conversation's shard.
+    Sharded,
+}
+
+impl Channels {
+    fn library_name(self) -> &'static str {
+        match self {
+            Channels::Classic => LIBRARY_NAME,
+            Channels::Sharded => SHARDED_LIBRARY_NAME,
+        }
+    }
+}
+
+/// `lua/common.lua` as the sharded variant needs it.
+fn sharded_common() -> &'static str {
+    static SHARDED: OnceLock<String> = OnceLock::new();
+    SHARDED.get_or_init(|| COMMON.replacen(PUBLISH_LINE, SHARDED_PUBLISH_LINE, 1))
+}
+
 macro_rules! lua {
     ($name:literal, $read_only:expr) => {
         Script {
@@ -34,6 +72,7 @@ macro_rules! lua {
             ),
             read_only: $read_only,
             sha: OnceLock::new(),
+            sharded: OnceLock::new(),
         }
     };
 }
@@ -48,6 +87,8 @@ pub struct Script {
     /// Registered with the `no-writes` flag and called with FCALL_RO.
     read_only: bool,
     sha: OnceLock<String>,
+    /// The sharded variant's code and SHA1.
+    sharded: OnceLock<(String, String)>,
 }
 
 /// How a store runs the scripts.
@@ -86,23 +127,53 @@ impl Script {
         format!("{LIBRARY_NAME}_{}", self.name)
     }
 
+    fn sharded(&self) -> &(String, String) {
+        self.sharded.get_or_init(|| {
+            let code = format!("{}{}", sharded_common(), self.body);
+            let sha = sha1_smol::Sha1::from(&code).digest().to_string();
+            (code, sha)
+        })
+    }
+
+    fn code_for(&self, channels: Channels) -> &str {
+        match channels {
+            Channels::Classic => self.code,
+            Channels::Sharded => &self.sharded().0,
+        }
+    }
+
+    fn sha_for(&self, channels: Channels) -> &str {
+        match channels {
+            Channels::Classic => self.sha(),
+            Channels::Sharded => &self.sharded().1,
+        }
+    }
+
+    fn function_name_for(&self, channels: Channels) -> String {
+        format!("{}_{}", channels.library_name(), self.name)
+    }
+
     /// Runs the operation, loading the code and retrying once if the server lacks it.
+    /// Every call carries the conversation's keys, so a Redis Cluster client
+    /// routes it to the shard that owns them; `SCRIPT LOAD` and `FUNCTION
+    /// LOAD` go to every node (redis-rs routes them so), the failed one included.
     pub(crate) async fn run(
         &self,
         conn: &mut (impl ConnectionLike + Send),
         invoke: Invoke,
+        channels: Channels,
         keys: &[String],
         args: &[String],
     ) -> RedisResult<Value> {
         let mut call = match invoke {
             Invoke::Eval => {
                 let mut call = redis::cmd("EVALSHA");
-                call.arg(self.sha());
+                call.arg(self.sha_for(channels));
                 call
             }
             Invoke::Functions => {
                 let mut call = redis::cmd(if self.read_only { "FCALL_RO" } else { "FCALL" });
-                call.arg(self.function_name());
+                call.arg(self.function_name_for(channels));
                 call
             }
         };
@@ -114,13 +185,13 @@ impl Script {
             {
                 let _: String = redis::cmd("SCRIPT")
                     .arg("LOAD")
-                    .arg(self.code)
+                    .arg(self.code_for(channels))
                     .query_async(conn)
                     .await?;
                 call.query_async(conn).await
             }
             Err(e) if invoke == Invoke::Functions && is_function_missing(&e) => {
-                load_library(conn).await?;
+                load_library(conn, channels).await?;
                 call.query_async(conn).await
             }
             other => other,
@@ -135,11 +206,14 @@ fn is_function_missing(e: &RedisError) -> bool {
 }
 
 /// Loads (or replaces) this version's Functions library; returns its name.
-pub(crate) async fn load_library(conn: &mut (impl ConnectionLike + Send)) -> RedisResult<String> {
+pub(crate) async fn load_library(
+    conn: &mut (impl ConnectionLike + Send),
+    channels: Channels,
+) -> RedisResult<String> {
     redis::cmd("FUNCTION")
         .arg("LOAD")
         .arg("REPLACE")
-        .arg(library())
+        .arg(library_for(channels))
         .query_async(conn)
         .await
 }
@@ -157,6 +231,32 @@ static ALL: [&Script; 8] = [
     &ISSUE, &POLL, &RELEASE, &READ, &SAVE, &DELETE, &UPDATE, &EXTEND,
 ];
 
+/// The line of `lua/common.lua` that reads the clock.
+const TIME_LINE: &str = "  local t = redis.call('TIME')";
+
+impl Script {
+    /// This operation with its clock read from the hash `clock_key` (fields
+    /// `s`, `us`) instead of `TIME`, and keys dropped once their expiry has
+    /// passed on that clock (Redis's own expiry follows the real one). Only
+    /// the differential tests build this (`__testing::manual_clock_stores`);
+    /// it is run with plain EVAL on one server, never loaded or registered.
+    pub(crate) fn with_manual_clock(&self, clock_key: &str) -> String {
+        let manual = format!(
+            "  local t = redis.call('HMGET', '{clock_key}', 's', 'us')\n  \
+             local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n  \
+             for _, k in ipairs(KEYS) do\n    \
+               local at = redis.call('PEXPIRETIME', k)\n    \
+               if at > 0 and at < now_ms then redis.call('DEL', k) end\n  \
+             end"
+        );
+        assert!(
+            COMMON.contains(TIME_LINE),
+            "lua/common.lua no longer reads TIME in one line"
+        );
+        format!("{}{}", COMMON.replacen(TIME_LINE, &manual, 1), self.body)
+    }
+}
+
 /// Every operation's script, in the order the README lists them.
 pub fn scripts() -> &'static [&'static Script] {
     &ALL
@@ -166,14 +266,26 @@ pub fn scripts() -> &'static [&'static Script] {
 /// operation's file as the body of function `ticketlock_v1_<name>` (`KEYS`
 /// and `ARGV` become its parameters). Load it with `FUNCTION LOAD REPLACE`.
 pub fn library() -> &'static str {
-    static LIBRARY: OnceLock<String> = OnceLock::new();
-    LIBRARY.get_or_init(|| {
-        let mut code = format!("#!lua name={LIBRARY_NAME}\n{COMMON}\n");
+    library_for(Channels::Classic)
+}
+
+/// The library of either variant: [`library`], or for [`Channels::Sharded`]
+/// the same with `SPUBLISH`, named [`SHARDED_LIBRARY_NAME`].
+pub(crate) fn library_for(channels: Channels) -> &'static str {
+    static CLASSIC: OnceLock<String> = OnceLock::new();
+    static SHARDED: OnceLock<String> = OnceLock::new();
+    let (cell, common) = match channels {
+        Channels::Classic => (&CLASSIC, COMMON),
+        Channels::Sharded => (&SHARDED, sharded_common()),
+    };
+    cell.get_or_init(|| {
+        let name = channels.library_name();
+        let mut code = format!("#!lua name={name}\n{common}\n");
         for script in ALL {
             let flags = if script.read_only { "{ 'no-writes' }" } else { "{}" };
             code.push_str(&format!(
                 "redis.register_function{{ function_name = '{}', flags = {flags}, callback = function(KEYS, ARGV)\n{}\nend }}\n",
-                script.function_name(),
+                script.function_name_for(channels),
                 script.body,
             ));
         }
@@ -208,5 +320,37 @@ mod tests {
             assert_eq!(lib.matches(s.body).count(), 1, "{}", s.name);
         }
         assert!(lib.contains("function_name = 'ticketlock_v1_read', flags = { 'no-writes' }"));
+    }
+
+    #[test]
+    fn the_sharded_variant_differs_in_the_publish_line_only() {
+        // One switch, and no other way to publish.
+        assert_eq!(COMMON.matches(PUBLISH_LINE).count(), 1);
+        for s in ALL {
+            for code in [s.code, s.code_for(Channels::Sharded)] {
+                assert!(!code.contains("redis.call('PUBLISH'"), "{}", s.name);
+                assert!(!code.contains("redis.call(\"PUBLISH\""), "{}", s.name);
+            }
+            let sharded = s.code_for(Channels::Sharded);
+            assert_eq!(sharded.matches(SHARDED_PUBLISH_LINE).count(), 1);
+            assert!(!sharded.contains(PUBLISH_LINE));
+            assert_eq!(
+                sharded.replacen(SHARDED_PUBLISH_LINE, PUBLISH_LINE, 1),
+                s.code,
+                "{}",
+                s.name
+            );
+            assert_ne!(s.sha_for(Channels::Sharded), s.sha());
+            assert_eq!(s.sha_for(Channels::Sharded).len(), 40);
+        }
+        let lib = library_for(Channels::Sharded);
+        assert!(lib.starts_with("#!lua name=ticketlock_v1s\n"));
+        assert!(lib.contains(SHARDED_PUBLISH_LINE));
+        for s in ALL {
+            let name = format!("'{SHARDED_LIBRARY_NAME}_{}'", s.name);
+            assert_eq!(lib.matches(&name).count(), 1);
+            // No function name of the classic library, which would collide.
+            assert!(!lib.contains(&format!("'{}'", s.function_name())));
+        }
     }
 }

@@ -46,7 +46,7 @@ struct Inner {
 }
 
 impl LockStore {
-    fn with_backend(backend: AnyBackend, default_lifetime: Duration) -> Self {
+    pub(crate) fn with_backend(backend: AnyBackend, default_lifetime: Duration) -> Self {
         LockStore {
             inner: Arc::new(Inner {
                 backend,
@@ -75,8 +75,10 @@ impl LockStore {
         )
     }
 
-    /// A store from a URL: `memory://`, `redis://[user:password@]host[:port][/db]`
-    /// or `rediss://...` (TLS). Redis connects before this returns.
+    /// A store from a URL: `memory://`, `redis://[user:password@]host[:port][/db]`,
+    /// `rediss://...` (TLS), `redis+cluster://h1:p1,h2:p2` (Redis Cluster) or
+    /// `redis+sentinel://s1:p1,s2:p2/<service>` (Sentinel; `rediss+...` for
+    /// TLS to the data nodes). Redis connects before this returns.
     pub async fn from_url(url: &str) -> Result<Self, LockError> {
         let lifetime = options::lifetime_from_env()?;
         if config::is_memory_url(url) {
@@ -197,10 +199,16 @@ impl LockStore {
                 ticket.forget();
                 Err(e)
             }
-            Err(e) => {
+            Err(e @ LockError::Timeout { .. }) => {
                 // Give the ticket back now rather than on drop, so a caller
                 // that retries at once queues behind nobody stale.
                 let _ = ticket.give_back().await;
+                Err(e)
+            }
+            Err(e) => {
+                // The store just failed: giving back could take another
+                // socket timeout, so the ticket's drop does it in the background.
+                drop(ticket);
                 Err(e)
             }
         }
@@ -263,6 +271,18 @@ impl LockStore {
     pub async fn save_lock(&self, lock: &TicketLock) -> Result<(), LockError> {
         let cid = lock.conversation_id();
         validate::conversation_id(cid)?;
+        // Lua numbers are doubles: integers are exact up to 2^53.
+        const MAX_NUMBER: u64 = (1 << 53) - 1;
+        if lock.next_number() > MAX_NUMBER || lock.tickets().iter().any(|t| t.number() > MAX_NUMBER)
+        {
+            return Err(LockError::invalid(
+                "ticket",
+                format!(
+                    "ticket numbers must stay below 2^53 (conversation {})",
+                    crate::error::shown(cid)
+                ),
+            ));
+        }
         for t in lock.tickets() {
             if t.expires_in() > validate::MAX_LIFETIME {
                 return Err(LockError::invalid(
@@ -350,6 +370,26 @@ impl LockStore {
 
     fn backend(&self) -> &AnyBackend {
         &self.inner.backend
+    }
+
+    /// The same store seen through a backend that injects faults (tests only).
+    pub(crate) fn with_faults(
+        &self,
+        plan: impl Fn(crate::backend::faulty::Op) -> crate::backend::faulty::Injected
+            + Send
+            + Sync
+            + 'static,
+    ) -> LockStore {
+        use crate::backend::faulty::FaultyBackend;
+        let plan: crate::backend::faulty::Plan = Arc::new(plan);
+        let backend = match &self.inner.backend {
+            AnyBackend::Memory(b) => AnyBackend::FaultyMemory(FaultyBackend::new(b.clone(), plan)),
+            AnyBackend::Redis(b) => AnyBackend::FaultyRedis(FaultyBackend::new(b.clone(), plan)),
+            // Already faulty: the new plan replaces the old one.
+            AnyBackend::FaultyMemory(b) => AnyBackend::FaultyMemory(b.with_plan(plan)),
+            AnyBackend::FaultyRedis(b) => AnyBackend::FaultyRedis(b.with_plan(plan)),
+        };
+        Self::with_backend(backend, self.inner.default_lifetime)
     }
 
     /// Issues a ticket in a task of its own: if the caller is cancelled while
@@ -854,7 +894,7 @@ fn fail(conversation_id: &str, fault: Fault) -> LockError {
     backend_error(Some(conversation_id), fault)
 }
 
-fn backend_error(conversation_id: Option<&str>, fault: Fault) -> LockError {
+pub(crate) fn backend_error(conversation_id: Option<&str>, fault: Fault) -> LockError {
     let conversation_id = conversation_id.map(str::to_owned);
     match fault {
         Fault::Foreign(detail) => LockError::Corrupted {
@@ -865,6 +905,11 @@ fn backend_error(conversation_id: Option<&str>, fault: Fault) -> LockError {
             conversation_id,
             retryable: false,
             source: detail.into(),
+        },
+        Fault::Injected(op) => LockError::Backend {
+            conversation_id,
+            retryable: true,
+            source: format!("injected fault at {op:?}").into(),
         },
         Fault::Redis(e) => LockError::Backend {
             conversation_id,
@@ -881,7 +926,9 @@ fn backend_error(conversation_id: Option<&str>, fault: Fault) -> LockError {
                             | redis::ServerErrorKind::MasterDown
                             | redis::ServerErrorKind::ReadOnly
                     )
-                ),
+                )
+                // A master short of the replicas it requires (min-replicas-to-write), as during a failover.
+                || e.code() == Some("NOREPLICAS"),
             source: Box::new(e),
         },
     }

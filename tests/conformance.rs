@@ -20,6 +20,8 @@ const LONG: Duration = Duration::from_secs(30);
 struct Fixture {
     store: LockStore,
     redis: Option<(redis::Client, String)>,
+    /// A Redis Cluster's nodes (keys are looked for on each); empty otherwise.
+    nodes: Vec<redis::Client>,
 }
 
 impl Fixture {
@@ -27,6 +29,28 @@ impl Fixture {
         Fixture {
             store: LockStore::in_memory(),
             redis: None,
+            nodes: Vec::new(),
+        }
+    }
+
+    /// The shared 3-master Redis Cluster (`redis+cluster://`), under a fresh prefix.
+    async fn cluster(mode: ScriptMode) -> Fixture {
+        let prefix = support::unique_prefix("clu");
+        let mut config = StoreConfig::redis(support::cluster_url());
+        config.key_prefix = Some(prefix.clone());
+        config.script_mode = mode;
+        let store = LockStore::create(Some(&config))
+            .await
+            .expect("connect to the test cluster");
+        let nodes: Vec<redis::Client> = support::shared_cluster()
+            .endpoints()
+            .iter()
+            .map(|e| redis::Client::open(format!("redis://{e}")).unwrap())
+            .collect();
+        Fixture {
+            store,
+            redis: Some((nodes[0].clone(), format!("{prefix}:lock:"))),
+            nodes,
         }
     }
 
@@ -42,6 +66,7 @@ impl Fixture {
         Fixture {
             store,
             redis: Some((redis::Client::open(url).unwrap(), format!("{prefix}:lock:"))),
+            nodes: Vec::new(),
         }
     }
 
@@ -55,8 +80,16 @@ impl Fixture {
         let mut admin = client.get_multiplexed_async_connection().await.unwrap();
         let user = format!("u{prefix}");
         let mut setuser = redis::cmd("ACL");
-        setuser.arg("SETUSER").arg(&user).arg("on").arg(">pw").arg("resetkeys").arg("resetchannels");
-        setuser.arg(format!("~{prefix}:lock:*")).arg(format!("&{prefix}:lock:*"));
+        setuser
+            .arg("SETUSER")
+            .arg(&user)
+            .arg("on")
+            .arg(">pw")
+            .arg("resetkeys")
+            .arg("resetchannels");
+        setuser
+            .arg(format!("~{prefix}:lock:*"))
+            .arg(format!("&{prefix}:lock:*"));
         for rule in MINIMAL_ACL.split_whitespace() {
             setuser.arg(rule);
         }
@@ -67,8 +100,14 @@ impl Fixture {
         config.username = Some(user);
         config.password = Some("pw".into());
         config.db = Some(0);
-        let store = LockStore::create(Some(&config)).await.expect("connect as the limited user");
-        Fixture { store, redis: Some((client, format!("{prefix}:lock:"))) }
+        let store = LockStore::create(Some(&config))
+            .await
+            .expect("connect as the limited user");
+        Fixture {
+            store,
+            redis: Some((client, format!("{prefix}:lock:"))),
+            nodes: Vec::new(),
+        }
     }
 
     /// Every key under this fixture's prefix, with its TTL in ms.
@@ -76,20 +115,27 @@ impl Fixture {
         let Some((client, prefix)) = &self.redis else {
             return Vec::new();
         };
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{prefix}*"))
-            .query_async(&mut conn)
-            .await
-            .unwrap();
         let mut out = Vec::new();
-        for k in keys {
-            let ttl: i64 = redis::cmd("PTTL")
-                .arg(&k)
+        // Every node of a cluster, else the one server.
+        for client in self
+            .nodes
+            .iter()
+            .chain(self.nodes.is_empty().then_some(client))
+        {
+            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{prefix}*"))
                 .query_async(&mut conn)
                 .await
                 .unwrap();
-            out.push((k, ttl));
+            for k in keys {
+                let ttl: i64 = redis::cmd("PTTL")
+                    .arg(&k)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                out.push((k, ttl));
+            }
         }
         out
     }
@@ -158,6 +204,22 @@ macro_rules! conformance {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
                     super::$case(super::Fixture::redis_acl(ticketlock::ScriptMode::Eval).await).await
+                }
+            )*
+        }
+        mod on_cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::Fixture::cluster(ticketlock::ScriptMode::Auto).await).await
+                }
+            )*
+        }
+        mod on_cluster_eval {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::Fixture::cluster(ticketlock::ScriptMode::Eval).await).await
                 }
             )*
         }
@@ -443,10 +505,16 @@ async fn a_live_waiter_outlasts_its_lifetime(f: Fixture) {
 
 async fn a_release_after_the_lease_lapsed_reports_it(f: Fixture) {
     let s = &f.store;
-    let g = s.lock_with("rl", opts(Duration::from_millis(150))).await.unwrap();
+    let g = s
+        .lock_with("rl", opts(Duration::from_millis(150)))
+        .await
+        .unwrap();
     // Nobody touches the conversation meanwhile, so nothing pruned the ticket.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(matches!(g.release().await, Err(LockError::Expired { ticket: 0, .. })));
+    assert!(matches!(
+        g.release().await,
+        Err(LockError::Expired { ticket: 0, .. })
+    ));
     s.delete_lock("rl").await.unwrap();
     f.assert_gone("rl").await;
 }
@@ -1065,12 +1133,43 @@ async fn redis_uncontended_lock_and_release_cost_two_round_trips() {
         .filter_map(|l| l.strip_prefix("cmdstat_"))
         .filter(|l| {
             let name = l.split(':').next().unwrap_or("");
-            let outside = ["fcall", "fcall_ro", "eval", "evalsha", "script|", "function|", "subscribe", "ssubscribe",
-                "unsubscribe", "sunsubscribe", "ping", "hello", "client|", "select", "multi", "exec", "get", "set"];
+            let outside = [
+                "fcall",
+                "fcall_ro",
+                "eval",
+                "evalsha",
+                "script|",
+                "function|",
+                "subscribe",
+                "ssubscribe",
+                "unsubscribe",
+                "sunsubscribe",
+                "ping",
+                "hello",
+                "client|",
+                "select",
+                "multi",
+                "exec",
+                "get",
+                "set",
+            ];
             name != "config|resetstat"
-                && outside.iter().any(|o| if o.ends_with('|') { name.starts_with(o) } else { name == *o })
+                && outside.iter().any(|o| {
+                    if o.ends_with('|') {
+                        name.starts_with(o)
+                    } else {
+                        name == *o
+                    }
+                })
         })
-        .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
         .sum();
     assert_eq!(client_level, 20, "{stats}");
     let _ = total;

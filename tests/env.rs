@@ -19,7 +19,13 @@ async fn the_lifetime_variable_sets_the_default_and_bad_values_are_refused() {
     std::mem::forget(held);
     let started = std::time::Instant::now();
     let longer = ticketlock::LockOptions::default().with_lifetime(Duration::from_secs(10));
-    store.lock_with("c", longer).await.unwrap().release().await.unwrap();
+    store
+        .lock_with("c", longer)
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "{:?}",

@@ -21,7 +21,11 @@ const FAULTS: [Injected; 4] = [
     Injected::Hang,
 ];
 /// When the client task is cancelled, if at all.
-const CANCELS: [Option<Duration>; 3] = [None, Some(Duration::from_millis(30)), Some(Duration::from_millis(200))];
+const CANCELS: [Option<Duration>; 3] = [
+    None,
+    Some(Duration::from_millis(30)),
+    Some(Duration::from_millis(200)),
+];
 
 /// Short enough that orphans go quickly, long enough for a loaded machine.
 fn faulty_options() -> LockOptions {
@@ -34,7 +38,9 @@ fn faulty_options() -> LockOptions {
 }
 
 fn patient() -> LockOptions {
-    LockOptions::default().with_lifetime(Duration::from_secs(30)).with_wait_time(Duration::from_secs(30))
+    LockOptions::default()
+        .with_lifetime(Duration::from_secs(30))
+        .with_wait_time(Duration::from_secs(30))
 }
 
 struct Outcome {
@@ -43,7 +49,13 @@ struct Outcome {
     leftover_for: Duration,
 }
 
-async fn scenario(base: LockStore, cid: String, op: Op, fault: Injected, cancel: Option<Duration>) -> Outcome {
+async fn scenario(
+    base: LockStore,
+    cid: String,
+    op: Op,
+    fault: Injected,
+    cancel: Option<Duration>,
+) -> Outcome {
     let label = format!("{op:?}/{fault:?}/cancel {cancel:?}");
     let inside = Arc::new(AtomicUsize::new(0));
     let fired = Arc::new(AtomicBool::new(false));
@@ -63,7 +75,11 @@ async fn scenario(base: LockStore, cid: String, op: Op, fault: Injected, cancel:
         let (cid, inside) = (cid.clone(), inside.clone());
         tokio::spawn(async move {
             let guard = faulty.lock_with(&cid, faulty_options()).await?;
-            assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "two holders at once");
+            assert_eq!(
+                inside.fetch_add(1, Ordering::SeqCst),
+                0,
+                "two holders at once"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
             inside.fetch_sub(1, Ordering::SeqCst);
             guard.release().await
@@ -87,7 +103,11 @@ async fn scenario(base: LockStore, cid: String, op: Op, fault: Injected, cancel:
         .unwrap_or_else(|_| panic!("{label}: the queue stalled"))
         .unwrap_or_else(|e| panic!("{label}: checker failed: {e}"));
     let checker_waited = started.elapsed();
-    assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "{label}: checker overlapped the client");
+    assert_eq!(
+        inside.fetch_add(1, Ordering::SeqCst),
+        0,
+        "{label}: checker overlapped the client"
+    );
     inside.fetch_sub(1, Ordering::SeqCst);
     checker.release().await.unwrap();
     // The client ends, one way or another (its own timeout bounds it).
@@ -101,7 +121,10 @@ async fn scenario(base: LockStore, cid: String, op: Op, fault: Injected, cancel:
             None => break,
             Some(lock) if lock.tickets().is_empty() => break,
             Some(lock) => {
-                assert!(started.elapsed() < Duration::from_secs(3), "{label}: tickets left behind: {lock:?}");
+                assert!(
+                    started.elapsed() < Duration::from_secs(3),
+                    "{label}: tickets left behind: {lock:?}"
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -128,7 +151,10 @@ async fn all_scenarios(base: LockStore, tag: &str) {
         let outcome = task.await.expect("scenario panicked");
         if outcome.checker_waited > worst {
             worst = outcome.checker_waited;
-            eprintln!("{}: checker waited {:?}, leftovers gone after {:?}", outcome.label, outcome.checker_waited, outcome.leftover_for);
+            eprintln!(
+                "{}: checker waited {:?}, leftovers gone after {:?}",
+                outcome.label, outcome.checker_waited, outcome.leftover_for
+            );
         }
     }
     // Worst case: an orphaned renewing ticket granted at the holder's release

@@ -23,7 +23,12 @@ fn config_strategy() -> impl Strategy<Value = serde_json::Value> {
         Just(serde_json::json!("12")),
     ];
     (
-        prop_oneof![Just("redis"), Just("in_memory"), Just("memory"), Just("bogus")],
+        prop_oneof![
+            Just("redis"),
+            Just("in_memory"),
+            Just("memory"),
+            Just("bogus")
+        ],
         text.clone(),
         number.clone(),
         number.clone(),

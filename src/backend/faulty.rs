@@ -65,7 +65,9 @@ pub(crate) struct FaultyBackend<B> {
 
 impl<B: std::fmt::Debug> std::fmt::Debug for FaultyBackend<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FaultyBackend").field("inner", &self.inner).finish_non_exhaustive()
+        f.debug_struct("FaultyBackend")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
     }
 }
 
@@ -100,16 +102,25 @@ impl<B: Backend> FaultyBackend<B> {
 
 impl<B: Backend> Backend for FaultyBackend<B> {
     async fn issue(&self, cid: &str, lifetime_ms: u64, liveness_ms: Option<u64>) -> Result<Issued> {
-        self.around(Op::Issue, self.inner.issue(cid, lifetime_ms, liveness_ms)).await
+        self.around(Op::Issue, self.inner.issue(cid, lifetime_ms, liveness_ms))
+            .await
     }
-    async fn extend(&self, cid: &str, ticket: u64, fence: u64, lease_ms: u64) -> Result<Option<Duration>> {
-        self.around(Op::Extend, self.inner.extend(cid, ticket, fence, lease_ms)).await
+    async fn extend(
+        &self,
+        cid: &str,
+        ticket: u64,
+        fence: u64,
+        lease_ms: u64,
+    ) -> Result<Option<Duration>> {
+        self.around(Op::Extend, self.inner.extend(cid, ticket, fence, lease_ms))
+            .await
     }
     async fn poll(&self, cid: &str, ticket: TicketRef) -> Result<Polled> {
         self.around(Op::Poll, self.inner.poll(cid, ticket)).await
     }
     async fn release(&self, cid: &str, ticket: TicketRef, mode: ReleaseMode) -> Result<Released> {
-        self.around(Op::Release, self.inner.release(cid, ticket, mode)).await
+        self.around(Op::Release, self.inner.release(cid, ticket, mode))
+            .await
     }
     async fn read(&self, cid: &str, limit: Option<u64>) -> Result<Option<Record>> {
         self.around(Op::Read, self.inner.read(cid, limit)).await

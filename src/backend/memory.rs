@@ -109,9 +109,6 @@ impl Conversation {
         *fences += 1;
         self.served = Some((head, now, *fences));
         self.held = None;
-        if let Some(terms) = self.terms.get(&head).copied() {
-            self.set_expiry(head, now + terms.liveness);
-        }
     }
 
     /// common.lua `confirm`.

@@ -12,6 +12,8 @@ use tokio::sync::broadcast;
 use crate::notify::Notice;
 use crate::ticket::{Ticket, TicketLock};
 
+pub(crate) mod connection;
+pub(crate) mod faulty;
 pub(crate) mod memory;
 pub(crate) mod redis;
 
@@ -97,6 +99,8 @@ pub(crate) enum Fault {
     Foreign(String),
     /// A script reply did not have the documented shape.
     Reply(String),
+    /// A fault injected by the test-only faulty backend.
+    Injected(faulty::Op),
 }
 
 impl From<::redis::RedisError> for Fault {
@@ -174,10 +178,12 @@ pub(crate) trait Backend: Send + Sync {
 }
 
 /// The runtime choice between backends: one handle, one `match` per method.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) enum AnyBackend {
     Memory(memory::MemoryBackend),
     Redis(redis::RedisBackend),
+    FaultyMemory(faulty::FaultyBackend<memory::MemoryBackend>),
+    FaultyRedis(faulty::FaultyBackend<redis::RedisBackend>),
 }
 
 macro_rules! dispatch {
@@ -185,6 +191,8 @@ macro_rules! dispatch {
         match $self {
             AnyBackend::Memory($b) => $call.await,
             AnyBackend::Redis($b) => $call.await,
+            AnyBackend::FaultyMemory($b) => $call.await,
+            AnyBackend::FaultyRedis($b) => $call.await,
         }
     };
 }

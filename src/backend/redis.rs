@@ -1,34 +1,38 @@
 //! The Redis backend: every operation is one of the Lua scripts in `lua/`,
-//! run atomically by SHA over one multiplexed, reconnecting connection.
+//! run atomically by SHA over one multiplexed, reconnecting connection (to
+//! one server, a Redis Cluster or the master Sentinel names; see
+//! [`connection`](super::connection)).
 //!
 //! Wake-ups ride the same connection: it speaks RESP3, so pub/sub messages
-//! arrive as pushes while commands keep flowing, and the connection manager
+//! arrive as pushes while commands keep flowing, and the connection
 //! resubscribes after a reconnect. A reconnect may have lost messages, so it
 //! tells every local waiter to ask the store again.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{PushInfo, PushKind, Value};
+use redis::Value;
 
+use super::connection::{Conn, Connector};
 use super::{
     Backend, Fault, Issued, Polled, Record, ReleaseMode, Released, Result, Subscription, TicketRef,
     Updated,
 };
 use crate::config::ScriptMode;
 use crate::keys::KeySpace;
-use crate::notify::{Notice, Notifier};
+use crate::notify::Notifier;
 use crate::scripts::{self, Invoke, Script};
 use crate::ticket::{Ticket, TicketLock};
 
 /// The Redis backend; cloning shares the connection.
 #[derive(Clone)]
 pub(crate) struct RedisBackend {
-    conn: ConnectionManager,
+    conn: Conn,
     keys: KeySpace,
     invoke: Invoke,
     notifier: Arc<Notifier>,
+    /// Differential tests only: the hash the scripts read the time from.
+    manual_clock: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -42,33 +46,22 @@ impl std::fmt::Debug for RedisBackend {
 impl RedisBackend {
     /// Connects; `client` must be configured for RESP3.
     pub(crate) async fn connect(
-        client: redis::Client,
+        client: Connector,
         keys: KeySpace,
         socket_timeout: Duration,
         mode: ScriptMode,
     ) -> redis::RedisResult<Self> {
         let notifier = Arc::new(Notifier::default());
-        let pushes = notifier.clone();
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(socket_timeout))
-            .set_response_timeout(Some(socket_timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(2))
-            .set_automatic_resubscription()
-            .set_push_sender(move |push: PushInfo| {
-                forward(&pushes, push);
-                Ok::<(), std::convert::Infallible>(())
-            });
-        let mut conn = client.get_connection_manager_with_config(config).await?;
+        let conn = Conn::connect(client, socket_timeout, notifier.clone()).await?;
         let invoke = match mode {
             ScriptMode::Eval => Invoke::Eval,
             ScriptMode::Functions => {
-                scripts::load_library(&mut conn).await?;
+                conn.load_library().await?;
                 Invoke::Functions
             }
             // A server that refuses (Redis < 7: unknown command; an ACL
             // without FUNCTION: NOPERM) still runs the same code by EVALSHA.
-            ScriptMode::Auto => match scripts::load_library(&mut conn).await {
+            ScriptMode::Auto => match conn.load_library().await {
                 Ok(_) => Invoke::Functions,
                 Err(e) if matches!(e.kind(), redis::ErrorKind::Server(_)) => Invoke::Eval,
                 Err(e) => return Err(e),
@@ -79,29 +72,34 @@ impl RedisBackend {
             keys,
             invoke,
             notifier,
+            manual_clock: None,
         })
+    }
+
+    /// The same backend with every script reading its clock from `clock_key`
+    /// (see `Script::with_manual_clock`). Tests only.
+    pub(crate) fn with_manual_clock(mut self, clock_key: &str) -> Self {
+        self.manual_clock = Some(clock_key.into());
+        self
     }
 
     async fn run(&self, script: &Script, cid: &str, args: &[String]) -> Result<Vec<i64>> {
         let keys = self.keys.all(cid);
-        let mut conn = self.conn.clone();
-        let reply = script.run(&mut conn, self.invoke, &keys, args).await?;
-        integers(script.name(), reply)
-    }
-}
-
-/// Routes a pub/sub push to the waiters of its channel.
-fn forward(notifier: &Notifier, push: PushInfo) {
-    match push.kind {
-        PushKind::Message => {
-            if let [Value::BulkString(channel), Value::BulkString(payload)] = push.data.as_slice() {
-                if let Ok(channel) = std::str::from_utf8(channel) {
-                    notifier.send(channel, Notice::parse(payload));
-                }
+        let reply = match (&self.manual_clock, &self.conn) {
+            (None, conn) => conn.run(script, self.invoke, &keys, args).await?,
+            (Some(clock_key), Conn::Standard(conn)) => {
+                let code = script.with_manual_clock(clock_key);
+                let mut call = redis::cmd("EVAL");
+                call.arg(code).arg(keys.len()).arg(&keys).arg(args);
+                call.query_async(&mut conn.clone()).await?
             }
-        }
-        PushKind::Disconnection => notifier.send_all(Notice::Recheck),
-        _ => {}
+            (Some(_), _) => {
+                return Err(Fault::Reply(
+                    "a manual clock needs a standalone server".into(),
+                ))
+            }
+        };
+        integers(script.name(), reply)
     }
 }
 
@@ -309,7 +307,7 @@ impl Backend for RedisBackend {
         };
         let mut subscribed = server.lock().await;
         if !*subscribed {
-            self.conn.clone().subscribe(&channel).await?;
+            self.conn.subscribe(&channel).await?;
             *subscribed = true;
         }
         drop(subscribed);
@@ -323,7 +321,7 @@ impl Backend for RedisBackend {
 /// when someone listens.
 fn leave(
     notifier: Arc<Notifier>,
-    mut conn: ConnectionManager,
+    conn: Conn,
     channel: String,
     server: Arc<tokio::sync::Mutex<bool>>,
 ) {

@@ -21,6 +21,14 @@
 //!   [`generate_tls_certs`] (needs the `openssl` CLI). `restart` keeps the
 //!   same arguments and certificates.
 //!
+//! * [`RedisServer::start_tls_mutual`] / [`generate_client_cert`] — a TLS
+//!   server that requires a client certificate signed by its CA.
+//! * [`RedisCluster`] — a private Redis Cluster of N masters (one
+//!   `RedisServer` each, `--cluster-enabled yes`), created with
+//!   `redis-cli --cluster create`; [`cluster_url`] is one shared by the test
+//!   binary. [`SentinelServer`] — a private Redis Sentinel monitoring a
+//!   master. Both are on 127.0.0.1, stopped by pid like every server here.
+//!
 //! If `redis-server` is not on `PATH` and `REDIS_URL` is unset, every
 //! function that needs a server panics with a message saying how to get one;
 //! tests are never skipped silently.
@@ -98,6 +106,8 @@ struct Launch {
     tls: Option<TlsFiles>,
     /// The `--requirepass` value, if any (used by `ping`).
     password: Option<String>,
+    /// The client certificate `ping` presents ([`RedisServer::start_tls_mutual`]).
+    client_cert: Option<ClientCert>,
 }
 
 impl Launch {
@@ -165,6 +175,34 @@ impl RedisServer {
             server.log()
         );
         server
+    }
+
+    /// A TLS server that requires clients to present a certificate signed
+    /// by its CA (`--tls-auth-clients yes`); [`client_cert`](Self::client_cert)
+    /// is one, generated into its temp dir with [`generate_client_cert`].
+    /// Checked with a real TLS `PING` presenting that certificate.
+    pub fn start_tls_mutual() -> RedisServer {
+        ensure_redis_server_installed();
+        ensure_openssl_installed();
+        let dir = fresh_temp_dir();
+        let tls = generate_tls_certs(&dir);
+        let client = generate_client_cert(&dir, &tls);
+        // Later arguments win: this overrides the harness's `--tls-auth-clients no`.
+        let mut launch = launch_with(&["--tls-auth-clients", "yes"], Some(tls));
+        launch.client_cert = Some(client);
+        let server = Self::start_in(dir, launch);
+        assert!(
+            server.ping(),
+            "mutual-TLS redis-server on port {} does not answer PING\nlog:\n{}",
+            server.port,
+            server.log()
+        );
+        server
+    }
+
+    /// The client certificate of a [`start_tls_mutual`](Self::start_tls_mutual) server.
+    pub fn client_cert(&self) -> Option<&ClientCert> {
+        self.launch.client_cert.as_ref()
     }
 
     fn start_in(dir: PathBuf, launch: Launch) -> RedisServer {
@@ -257,6 +295,13 @@ impl RedisServer {
     pub fn ping(&self) -> bool {
         let password = self.launch.password.as_deref();
         match &self.launch.tls {
+            Some(tls) if self.launch.client_cert.is_some() => tls_ping_as(
+                self.port,
+                &tls.ca_cert,
+                self.launch.client_cert.as_ref(),
+                password,
+                Duration::from_secs(5),
+            ),
             Some(tls) => tls_ping(self.port, &tls.ca_cert, password, Duration::from_secs(5)),
             None if password.is_some() => {
                 auth_ping_port(self.port, password, Duration::from_secs(1))
@@ -470,10 +515,30 @@ authorityKeyIdentifier = keyid
 /// `openssl s_client`, verifying the server certificate against `ca_cert`
 /// and the IP 127.0.0.1, so it also proves the certificates are right.
 pub fn tls_ping(port: u16, ca_cert: &Path, password: Option<&str>, timeout: Duration) -> bool {
-    let Ok(mut child) = Command::new("openssl")
+    tls_ping_as(port, ca_cert, None, password, timeout)
+}
+
+/// [`tls_ping`], presenting `client` (if given) as the client certificate.
+pub fn tls_ping_as(
+    port: u16,
+    ca_cert: &Path,
+    client: Option<&ClientCert>,
+    password: Option<&str>,
+    timeout: Duration,
+) -> bool {
+    let mut command = Command::new("openssl");
+    command
         .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
         .arg("-CAfile")
-        .arg(ca_cert)
+        .arg(ca_cert);
+    if let Some(client) = client {
+        command
+            .arg("-cert")
+            .arg(&client.cert)
+            .arg("-key")
+            .arg(&client.key);
+    }
+    let Ok(mut child) = command
         .args(["-verify_return_error", "-verify_ip", "127.0.0.1", "-quiet"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -553,6 +618,7 @@ fn launch_with(extra_args: &[&str], tls: Option<TlsFiles>) -> Launch {
         extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
         tls,
         password,
+        client_cert: None,
     }
 }
 
@@ -848,4 +914,580 @@ fn base36(mut n: u128) -> String {
     }
     out.reverse();
     String::from_utf8(out).expect("ascii")
+}
+
+// ---------------------------------------------------------------------------
+// Client certificates, Redis Cluster and Redis Sentinel (added for
+// tests/tls.rs, tests/cluster.rs and tests/sentinel.rs).
+
+/// A client certificate and its key, as PEM files (see [`generate_client_cert`]).
+#[derive(Debug, Clone)]
+pub struct ClientCert {
+    /// The certificate, signed by the CA it was made with.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// Certificate and key in one file.
+    pub combined: PathBuf,
+}
+
+/// Makes a client certificate (`CN=ticketlock test client`, extended key
+/// usage `clientAuth`) signed by `ca`'s CA into `dir` (`client.crt`,
+/// `client.key`, and both in `client.pem`). Panics with openssl's output if
+/// that fails.
+pub fn generate_client_cert(dir: &Path, ca: &TlsFiles) -> ClientCert {
+    ensure_openssl_installed();
+    const CONFIG: &str = "\
+[req]
+distinguished_name = dn
+prompt = no
+
+[dn]
+CN = ticketlock test client
+
+[v3_client]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature, keyEncipherment
+extendedKeyUsage = clientAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+";
+    let files = ClientCert {
+        cert: dir.join("client.crt"),
+        key: dir.join("client.key"),
+        combined: dir.join("client.pem"),
+    };
+    let config = dir.join("openssl-client.cnf");
+    let csr = dir.join("client.csr");
+    fs::write(&config, CONFIG).unwrap_or_else(|e| panic!("writing {}: {e}", config.display()));
+    run_openssl(
+        Command::new("openssl")
+            .args(["req", "-new", "-config"])
+            .arg(&config)
+            .args([
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+            ])
+            .args(["-subj", "/CN=ticketlock test client", "-keyout"])
+            .arg(&files.key)
+            .arg("-out")
+            .arg(&csr),
+    );
+    let serial = format!("0x{:x}", 1 + COUNTER.fetch_add(1, Ordering::Relaxed));
+    run_openssl(
+        Command::new("openssl")
+            .args(["x509", "-req", "-in"])
+            .arg(&csr)
+            .arg("-CA")
+            .arg(&ca.ca_cert)
+            .arg("-CAkey")
+            .arg(&ca.ca_key)
+            .args(["-set_serial", &serial, "-days", "2", "-extfile"])
+            .arg(&config)
+            .args(["-extensions", "v3_client", "-out"])
+            .arg(&files.cert),
+    );
+    let mut combined = fs::read(&files.cert).expect("reading the client certificate");
+    combined.extend(fs::read(&files.key).expect("reading the client key"));
+    fs::write(&files.combined, combined).expect("writing client.pem");
+    files
+}
+
+/// Message of the panic raised when a cluster or sentinel test needs redis-cli.
+pub const NO_REDIS_CLI_MESSAGE: &str = "the cluster and sentinel tests need redis-cli \
+     (Debian: it comes with redis-server: apt-get install -y redis-server) — or run \
+     scripts/test.sh, which installs it";
+
+/// Runs `redis-cli -h 127.0.0.1 -p <port> <args>` (plain text, no TLS, no
+/// password) and returns its stdout, trimmed; panics if redis-cli cannot run.
+/// Its stdout is not a terminal, so replies come raw: one line per element.
+pub fn redis_cli(port: u16, args: &[&str]) -> String {
+    let output = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running redis-cli: {e}\n{NO_REDIS_CLI_MESSAGE}"));
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// Waits up to `limit` for `check` to hold, polling every 50 ms; panics
+/// with `what` (and the last observation) if it never does.
+pub fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + limit;
+    loop {
+        match check() {
+            Ok(()) => return,
+            Err(last) if Instant::now() >= deadline => {
+                panic!("{what}: not so after {limit:?}; last seen:\n{last}")
+            }
+            Err(_) => thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// A private Redis Cluster on 127.0.0.1: N masters, no replicas, all 16384
+/// slots assigned and `cluster_state:ok` on every node. Each node is a
+/// [`RedisServer`] (killed by pid on drop) with its cluster bus on a second
+/// free port (`--cluster-port`, so the default port + 10000 never matters)
+/// and its `nodes.conf` in its own temp dir.
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+    /// For a TLS cluster: the certificates every node shares, in their own
+    /// temp dir (removed on drop).
+    tls: Option<(PathBuf, TlsFiles)>,
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.stop();
+        }
+        if let Some((dir, _)) = &self.tls {
+            let _ = fs::remove_dir_all(dir);
+        }
+    }
+}
+
+impl RedisCluster {
+    /// Starts `masters` (at least 3) nodes and creates the cluster with
+    /// `redis-cli --cluster create ... --cluster-replicas 0 --cluster-yes`.
+    pub fn start(masters: usize) -> RedisCluster {
+        Self::start_inner(masters, None)
+    }
+
+    /// Like [`start`](Self::start), but every node speaks TLS only
+    /// (clients and the cluster bus, `--tls-cluster yes`), all with one
+    /// server certificate for 127.0.0.1 from one throwaway CA
+    /// ([`tls_files`](Self::tls_files)). The bus always verifies the
+    /// connecting node, so the nodes also share a client certificate of that
+    /// CA (`--tls-client-cert-file`).
+    pub fn start_tls(masters: usize) -> RedisCluster {
+        ensure_openssl_installed();
+        let dir = fresh_temp_dir();
+        let files = generate_tls_certs(&dir);
+        generate_client_cert(&dir, &files);
+        Self::start_inner(masters, Some((dir, files)))
+    }
+
+    /// The shared certificates of a [`start_tls`](Self::start_tls) cluster.
+    pub fn tls_files(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref().map(|(_, files)| files)
+    }
+
+    fn start_inner(masters: usize, tls: Option<(PathBuf, TlsFiles)>) -> RedisCluster {
+        assert!(masters >= 3, "a Redis Cluster needs at least 3 masters");
+        ensure_redis_server_installed();
+        let mut cluster = RedisCluster {
+            nodes: Vec::with_capacity(masters),
+            tls,
+        };
+        for _ in 0..masters {
+            let bus = free_port().expect("a free port for the cluster bus");
+            let bus = bus.to_string();
+            let mut args = vec![
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-port",
+                &bus,
+                "--cluster-node-timeout",
+                "5000",
+            ];
+            let node = match &cluster.tls {
+                None => RedisServer::start_with(&args),
+                Some((dir, files)) => {
+                    let client_cert = dir.join("client.crt").display().to_string();
+                    let client_key = dir.join("client.key").display().to_string();
+                    args.extend(["--tls-cluster", "yes", "--tls-client-cert-file"]);
+                    args.push(&client_cert);
+                    args.push("--tls-client-key-file");
+                    args.push(&client_key);
+                    RedisServer::start_in(fresh_temp_dir(), launch_with(&args, Some(files.clone())))
+                }
+            };
+            cluster.nodes.push(node);
+        }
+        // redis-cli waits for the nodes to join for as long as it takes (for
+        // ever, if they cannot talk), so it gets a deadline; its output goes
+        // to a file in the first node's dir, for the failure message.
+        let addrs = cluster.endpoints();
+        let log_path = cluster.nodes[0].dir().join("cluster-create.log");
+        let log = File::create(&log_path).expect("creating cluster-create.log");
+        let mut create = Command::new("redis-cli")
+            .args(cluster.cli_tls_args())
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("cloning the log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("running redis-cli: {e}\n{NO_REDIS_CLI_MESSAGE}"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            match create.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(50)),
+                _ => {
+                    let _ = create.kill();
+                    let _ = create.wait();
+                    break None;
+                }
+            }
+        };
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "redis-cli --cluster create failed ({status:?}; None: still waiting after 60 s):\n{}\nnode logs:\n{}",
+            fs::read_to_string(&log_path).unwrap_or_default(),
+            cluster
+                .nodes
+                .iter()
+                .map(|n| format!("--- {}:\n{}", n.port(), n.log()))
+                .collect::<String>()
+        );
+        // Every node sees the cluster ok and every slot assigned to one of us.
+        for port in cluster.ports() {
+            wait_for(
+                &format!("cluster node {port} ready"),
+                Duration::from_secs(30),
+                || {
+                    let info = cluster.cli(port, &["CLUSTER", "INFO"]);
+                    let ok = info.contains("cluster_state:ok")
+                        && info.contains("cluster_slots_assigned:16384")
+                        && info.contains(&format!("cluster_known_nodes:{masters}"));
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err(info)
+                    }
+                },
+            );
+        }
+        // And they agree on who owns what.
+        wait_for(
+            "the nodes agree on the slots",
+            Duration::from_secs(30),
+            || {
+                let maps: Vec<Vec<(u16, u16, u16)>> = cluster
+                    .ports()
+                    .iter()
+                    .map(|&p| cluster.slot_ranges_seen_by(p))
+                    .collect();
+                if maps.iter().all(|m| m == &maps[0] && m.len() == masters) {
+                    Ok(())
+                } else {
+                    Err(format!("{maps:?}"))
+                }
+            },
+        );
+        cluster
+    }
+
+    /// [`redis_cli`] for node `port`, over TLS for a TLS cluster.
+    pub fn cli(&self, port: u16, args: &[&str]) -> String {
+        let mut all: Vec<String> = self.cli_tls_args();
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        redis_cli(port, &all)
+    }
+
+    /// `--tls --cacert <ca>` for a TLS cluster, else nothing.
+    fn cli_tls_args(&self) -> Vec<String> {
+        match &self.tls {
+            Some((_, files)) => vec![
+                "--tls".into(),
+                "--cacert".into(),
+                files.ca_cert.display().to_string(),
+            ],
+            None => Vec::new(),
+        }
+    }
+
+    /// The nodes' ports.
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(RedisServer::port).collect()
+    }
+
+    /// `127.0.0.1:<port>` of every node.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.ports()
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// `redis+cluster://127.0.0.1:<p1>,127.0.0.1:<p2>,...` (`rediss+cluster`
+    /// for a TLS cluster).
+    pub fn url(&self) -> String {
+        let scheme = if self.tls.is_some() {
+            "rediss+cluster"
+        } else {
+            "redis+cluster"
+        };
+        format!("{scheme}://{}", self.endpoints().join(","))
+    }
+
+    /// The nodes themselves (for logs, pids, faults).
+    pub fn nodes(&self) -> &[RedisServer] {
+        &self.nodes
+    }
+
+    /// `CLUSTER KEYSLOT <key>`.
+    pub fn keyslot(&self, key: &str) -> u16 {
+        let out = self.cli(self.nodes[0].port(), &["CLUSTER", "KEYSLOT", key]);
+        out.parse()
+            .unwrap_or_else(|_| panic!("CLUSTER KEYSLOT {key:?} answered {out:?}"))
+    }
+
+    /// The port of the node serving `slot`.
+    pub fn port_for_slot(&self, slot: u16) -> u16 {
+        self.slot_ranges_seen_by(self.nodes[0].port())
+            .into_iter()
+            .find(|&(from, to, _)| (from..=to).contains(&slot))
+            .map(|(_, _, port)| port)
+            .unwrap_or_else(|| panic!("no node serves slot {slot}"))
+    }
+
+    /// The port of the node holding `key`.
+    pub fn port_for_key(&self, key: &str) -> u16 {
+        self.port_for_slot(self.keyslot(key))
+    }
+
+    /// `(first slot, last slot, master port)` per range, sorted, as node
+    /// `port` sees them (from `CLUSTER NODES`: one line per node,
+    /// `<id> <ip:port@bus> <flags> <master> <ping> <pong> <epoch> <link> <slots>...`).
+    fn slot_ranges_seen_by(&self, port: u16) -> Vec<(u16, u16, u16)> {
+        let out = self.cli(port, &["CLUSTER", "NODES"]);
+        let mut ranges = Vec::new();
+        for line in out.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 9 || !fields[2].contains("master") {
+                continue;
+            }
+            let Some(node_port) = fields[1]
+                .split('@')
+                .next()
+                .and_then(|addr| addr.rsplit(':').next())
+                .and_then(|p| p.parse::<u16>().ok())
+            else {
+                continue;
+            };
+            for slots in &fields[8..] {
+                // Migrating/importing markers look like `[5461->-<id>]`.
+                if slots.starts_with('[') {
+                    continue;
+                }
+                let (from, to) = slots.split_once('-').unwrap_or((slots, slots));
+                if let (Ok(from), Ok(to)) = (from.parse(), to.parse()) {
+                    ranges.push((from, to, node_port));
+                }
+            }
+        }
+        ranges.sort_unstable();
+        ranges
+    }
+}
+
+/// A Redis Cluster shared by every test of this test binary (3 masters,
+/// started on first use, killed by its watchdogs when the binary exits).
+/// Tests sharing it must keep to their own keys ([`unique_prefix`]).
+pub fn cluster_url() -> String {
+    shared_cluster().url()
+}
+
+/// The cluster behind [`cluster_url`].
+pub fn shared_cluster() -> &'static RedisCluster {
+    static SHARED: OnceLock<RedisCluster> = OnceLock::new();
+    // Never dropped (statics aren't): the nodes' watchdogs kill them once
+    // this process is gone.
+    SHARED.get_or_init(|| RedisCluster::start(3))
+}
+
+/// A private Redis Sentinel (`redis-server <conf> --sentinel`) on a free
+/// loopback port, monitoring `service` at `127.0.0.1:<master_port>` with a
+/// quorum of 1, `down-after-milliseconds 1000` and `failover-timeout 5000`
+/// (plus `extra_conf` lines). Killed (SIGKILL, by pid) on drop, with its temp
+/// dir; a watchdog kills it if the test process dies first.
+pub struct SentinelServer {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+    watchdog: Option<Child>,
+    service: String,
+}
+
+impl SentinelServer {
+    /// Starts the sentinel and waits until it answers PING (and is ours).
+    pub fn start(service: &str, master_port: u16, extra_conf: &[&str]) -> SentinelServer {
+        ensure_redis_server_installed();
+        let dir = fresh_temp_dir();
+        let mut errors = Vec::new();
+        for _ in 0..START_ATTEMPTS {
+            let port = match free_port() {
+                Ok(port) => port,
+                Err(e) => {
+                    errors.push(format!("picking a free port: {e}"));
+                    continue;
+                }
+            };
+            // Sentinel rewrites its config file, so a fresh one per attempt.
+            let mut conf = format!(
+                "sentinel monitor {service} 127.0.0.1 {master_port} 1\n\
+                 sentinel down-after-milliseconds {service} 1000\n\
+                 sentinel failover-timeout {service} 5000\n"
+            );
+            for line in extra_conf {
+                conf.push_str(line);
+                conf.push('\n');
+            }
+            let conf_path = dir.join("sentinel.conf");
+            fs::write(&conf_path, conf).expect("writing sentinel.conf");
+            match spawn_sentinel(&dir, &conf_path, port) {
+                Ok((child, watchdog)) => {
+                    return SentinelServer {
+                        port,
+                        dir,
+                        child: Some(child),
+                        watchdog: Some(watchdog),
+                        service: service.to_owned(),
+                    }
+                }
+                Err(e) => errors.push(format!("port {port}: {e}")),
+            }
+        }
+        let log = read_log(&dir);
+        let _ = fs::remove_dir_all(&dir);
+        panic!(
+            "could not start redis-server --sentinel after {START_ATTEMPTS} attempts:\n  {}\nlast log:\n{log}",
+            errors.join("\n  ")
+        );
+    }
+
+    /// The sentinel's loopback port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The sentinel's log so far.
+    pub fn log(&self) -> String {
+        read_log(&self.dir)
+    }
+
+    /// The port of the master it names now (`SENTINEL GET-MASTER-ADDR-BY-NAME`).
+    pub fn master_port(&self) -> Option<u16> {
+        let out = redis_cli(
+            self.port,
+            &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", &self.service],
+        );
+        out.lines().nth(1).and_then(|p| p.trim().parse().ok())
+    }
+
+    /// Waits until the sentinel has seen the replica on `replica_port` as a
+    /// healthy replica of the master (so a failover can promote it).
+    pub fn wait_for_replica(&self, replica_port: u16) {
+        wait_for(
+            &format!("sentinel knows replica {replica_port}"),
+            Duration::from_secs(30),
+            || {
+                let out = redis_cli(self.port, &["SENTINEL", "REPLICAS", &self.service]);
+                let lines: Vec<&str> = out.lines().map(str::trim).collect();
+                let field = |name: &str| {
+                    lines
+                        .iter()
+                        .position(|l| *l == name)
+                        .and_then(|i| lines.get(i + 1))
+                        .copied()
+                };
+                let ok = field("port") == Some(replica_port.to_string().as_str())
+                    && field("flags") == Some("slave")
+                    && field("master-link-status") == Some("ok");
+                if ok {
+                    Ok(())
+                } else {
+                    Err(out.clone())
+                }
+            },
+        );
+    }
+
+    /// `SENTINEL FAILOVER <service>`, retried while the sentinel is not
+    /// ready for one (`NOGOODSLAVE`, `INPROG`) for up to `limit`.
+    pub fn failover(&self, limit: Duration) {
+        wait_for("SENTINEL FAILOVER accepted", limit, || {
+            let out = redis_cli(self.port, &["SENTINEL", "FAILOVER", &self.service]);
+            if out == "OK" {
+                Ok(())
+            } else {
+                Err(out)
+            }
+        });
+    }
+}
+
+impl Drop for SentinelServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(mut watchdog) = self.watchdog.take() {
+            let _ = watchdog.kill();
+            let _ = watchdog.wait();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn spawn_sentinel(dir: &Path, conf: &Path, port: u16) -> Result<(Child, Child), String> {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("redis.log"))
+        .map_err(|e| format!("opening log: {e}"))?;
+    let log_err = log.try_clone().map_err(|e| format!("cloning log: {e}"))?;
+    let mut child = Command::new("redis-server")
+        .arg(conf)
+        .arg("--sentinel")
+        .args(["--port", &port.to_string()])
+        .args(["--bind", "127.0.0.1"])
+        .args(["--daemonize", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .spawn()
+        .map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                panic!("{NO_REDIS_MESSAGE}");
+            }
+            format!("spawning redis-server --sentinel: {e}")
+        })?;
+    let mut watchdog = match spawn_watchdog(child.id(), dir) {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("spawning watchdog: {e}"));
+        }
+    };
+    if let Err(e) = wait_until_ready(&mut child, port) {
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = watchdog.kill();
+        let _ = watchdog.wait();
+        return Err(e);
+    }
+    Ok((child, watchdog))
 }

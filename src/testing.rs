@@ -1,0 +1,97 @@
+//! Test-only constructors behind the hidden `ticketlock::__testing` module:
+//! stores whose clock stands still until a test moves it. Production code has
+//! no way to reach these; they exist so the differential tests can compare
+//! expiry to the millisecond.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::backend::memory::MemoryBackend;
+use crate::backend::redis::RedisBackend;
+use crate::backend::{AnyBackend, Fault};
+use crate::config::{self, ScriptMode};
+use crate::keys::KeySpace;
+use crate::options::DEFAULT_LIFETIME;
+use crate::{LockError, LockStore};
+
+/// A clock that moves only when told to.
+#[derive(Debug)]
+pub struct ManualClock(Moves);
+
+#[derive(Debug)]
+enum Moves {
+    Memory(MemoryBackend),
+    Redis {
+        conn: redis::aio::MultiplexedConnection,
+        key: String,
+        now_us: AtomicU64,
+    },
+}
+
+impl ManualClock {
+    /// Moves the clock forward by `by`.
+    pub async fn advance(&self, by: Duration) {
+        match &self.0 {
+            Moves::Memory(backend) => backend.advance(by),
+            Moves::Redis { conn, key, now_us } => {
+                let us = now_us.fetch_add(by.as_micros() as u64, Ordering::SeqCst)
+                    + by.as_micros() as u64;
+                let _: () = redis::cmd("HSET")
+                    .arg(key)
+                    .arg("s")
+                    .arg(us / 1_000_000)
+                    .arg("us")
+                    .arg(us % 1_000_000)
+                    .query_async(&mut conn.clone())
+                    .await
+                    .expect("setting the manual clock");
+            }
+        }
+    }
+}
+
+/// An in-memory store and a Redis store (keys under `prefix`), each on a
+/// manual clock starting at the same instant.
+pub async fn manual_clock_stores(
+    url: &str,
+    prefix: &str,
+) -> Result<((LockStore, ManualClock), (LockStore, ManualClock)), LockError> {
+    let memory = MemoryBackend::with_manual_clock();
+    let memory_store =
+        LockStore::with_backend(AnyBackend::Memory(memory.clone()), DEFAULT_LIFETIME);
+
+    let target = config::target_from_url(url, Some(prefix), None)?;
+    let fail = |e: redis::RedisError| crate::store::backend_error(None, Fault::Redis(e));
+    let client = redis::Client::open(url).map_err(fail)?;
+    let conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(fail)?;
+    // An hour ahead of the real clock, so Redis's own (real-time) key expiry
+    // never strikes first; the scripts emulate expiry on the manual clock.
+    let start = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        + Duration::from_secs(3600);
+    let key = format!("__ticketlock_test_clock:{prefix}");
+    let clock = ManualClock(Moves::Redis {
+        conn,
+        key: key.clone(),
+        now_us: AtomicU64::new(start.as_micros() as u64),
+    });
+    clock.advance(Duration::ZERO).await;
+    let backend = RedisBackend::connect(
+        target.client,
+        KeySpace::new(target.key_prefix),
+        target.socket_timeout,
+        ScriptMode::Eval,
+    )
+    .await
+    .map_err(fail)?
+    .with_manual_clock(&key);
+    let redis_store = LockStore::with_backend(AnyBackend::Redis(backend), DEFAULT_LIFETIME);
+    Ok((
+        (memory_store, ManualClock(Moves::Memory(memory))),
+        (redis_store, clock),
+    ))
+}

@@ -1,0 +1,265 @@
+//! Differential testing: random sequences of operations, time passing
+//! included, run against the in-memory store and the Redis store must give
+//! the same observable results. Both run on a manual clock (a test-only
+//! variant of the scripts reads time from a key instead of `TIME`; see
+//! `ticketlock::__testing`), so expiry is compared exactly, to the millisecond.
+
+mod support;
+
+use std::time::Duration;
+
+use proptest::prelude::*;
+use ticketlock::__testing::{manual_clock_stores, ManualClock};
+use ticketlock::{LockError, LockOptions, LockStore, Ticket, TicketLock};
+
+#[derive(Debug, Clone)]
+enum Step {
+    Issue {
+        cid: usize,
+        lifetime_ms: u64,
+    },
+    TryLock {
+        cid: usize,
+        lifetime_ms: u64,
+    },
+    ReleaseGuard {
+        cid: usize,
+    },
+    Extend {
+        cid: usize,
+        lease_ms: u64,
+    },
+    Finish {
+        cid: usize,
+        ticket: u64,
+    },
+    Cleanup {
+        cid: usize,
+        ticket: u64,
+    },
+    Update {
+        cid: usize,
+    },
+    Get {
+        cid: usize,
+    },
+    Waiting {
+        cid: usize,
+    },
+    Save {
+        cid: usize,
+        next: u64,
+        tickets: Vec<(u64, u64)>,
+    },
+    Delete {
+        cid: usize,
+    },
+    Pass {
+        ms: u64,
+    },
+}
+
+const IDS: [&str; 2] = ["a", "b{c}"];
+
+fn step() -> impl Strategy<Value = Step> {
+    let cid = 0..IDS.len();
+    // Few, round durations, so expiries often fall exactly on "now": the
+    // boundary is where two implementations would most easily differ.
+    let ms = prop::sample::select(vec![1u64, 2, 3, 5, 10, 100, 1000]);
+    prop_oneof![
+        4 => (cid.clone(), ms.clone()).prop_map(|(cid, lifetime_ms)| Step::Issue { cid, lifetime_ms }),
+        3 => (cid.clone(), ms.clone()).prop_map(|(cid, lifetime_ms)| Step::TryLock { cid, lifetime_ms }),
+        2 => cid.clone().prop_map(|cid| Step::ReleaseGuard { cid }),
+        1 => (cid.clone(), ms.clone()).prop_map(|(cid, lease_ms)| Step::Extend { cid, lease_ms }),
+        2 => (cid.clone(), 0u64..8).prop_map(|(cid, ticket)| Step::Finish { cid, ticket }),
+        2 => (cid.clone(), 0u64..8).prop_map(|(cid, ticket)| Step::Cleanup { cid, ticket }),
+        1 => cid.clone().prop_map(|cid| Step::Update { cid }),
+        3 => cid.clone().prop_map(|cid| Step::Get { cid }),
+        1 => cid.clone().prop_map(|cid| Step::Waiting { cid }),
+        1 => (cid.clone(), 0u64..10, prop::collection::vec((0u64..10, prop::sample::select(vec![0u64, 1, 2, 5, 100])), 0..4))
+            .prop_map(|(cid, next, tickets)| Step::Save { cid, next, tickets }),
+        1 => cid.clone().prop_map(|cid| Step::Delete { cid }),
+        4 => ms.prop_map(|ms| Step::Pass { ms }),
+    ]
+}
+
+/// A snapshot as compared: (number, remaining ms) per ticket, and the last number issued.
+type Snapshot = (Vec<(u64, u64)>, Option<u64>);
+
+/// What a step showed, with backend-specific values (epochs, fencing token
+/// values) left out; fencing tokens are compared by order instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seen {
+    Done,
+    Number(u64),
+    Flag(bool),
+    Lock(Option<Snapshot>),
+    Granted { ticket: u64, fence_rank: usize },
+    NotGranted(&'static str),
+    Error(&'static str),
+}
+
+fn kind(e: &LockError) -> &'static str {
+    match e {
+        LockError::Timeout { .. } => "timeout",
+        LockError::Expired { .. } => "expired",
+        LockError::InvalidInput { .. } => "invalid",
+        LockError::Corrupted { .. } => "corrupted",
+        _ => "backend",
+    }
+}
+
+fn seen<T>(r: Result<T, LockError>, f: impl FnOnce(T) -> Seen) -> Seen {
+    match r {
+        Ok(v) => f(v),
+        Err(e) => Seen::Error(kind(&e)),
+    }
+}
+
+struct Side {
+    store: LockStore,
+    clock: ManualClock,
+    guards: Vec<Option<ticketlock::LockGuard>>,
+    /// Fencing tokens of each conversation's grants, in grant order.
+    fences: [Vec<u64>; 2],
+}
+
+impl Side {
+    async fn apply(&mut self, step: &Step) -> Seen {
+        let s = &self.store;
+        match *step {
+            Step::Issue { cid, lifetime_ms } => seen(
+                s.issue_ticket(IDS[cid], Duration::from_millis(lifetime_ms))
+                    .await,
+                Seen::Number,
+            ),
+            Step::TryLock { cid, lifetime_ms } => {
+                if self.guards[cid].is_some() {
+                    return Seen::NotGranted("already held here");
+                }
+                let options = LockOptions::default()
+                    .with_lifetime(Duration::from_millis(lifetime_ms))
+                    .with_timeout(Duration::ZERO);
+                match s.lock_with(IDS[cid], options).await {
+                    Ok(guard) => {
+                        let ticket = guard.ticket();
+                        self.fences[cid].push(guard.fencing_token());
+                        let fence_rank = self.fences[cid].len();
+                        self.guards[cid] = Some(guard);
+                        Seen::Granted { ticket, fence_rank }
+                    }
+                    Err(e) => Seen::NotGranted(kind(&e)),
+                }
+            }
+            Step::ReleaseGuard { cid } => match self.guards[cid].take() {
+                Some(guard) => seen(guard.release().await, |()| Seen::Done),
+                None => Seen::NotGranted("no guard"),
+            },
+            Step::Extend { cid, lease_ms } => match &self.guards[cid] {
+                Some(guard) => seen(guard.extend(Duration::from_millis(lease_ms)).await, |()| {
+                    Seen::Done
+                }),
+                None => Seen::NotGranted("no guard"),
+            },
+            Step::Finish { cid, ticket } => {
+                seen(s.finish_serving(IDS[cid], ticket).await, |()| Seen::Done)
+            }
+            Step::Cleanup { cid, ticket } => {
+                seen(s.cleanup(IDS[cid], ticket).await, |()| Seen::Done)
+            }
+            Step::Update { cid } => seen(s.update_lock(IDS[cid]).await, |()| Seen::Done),
+            Step::Get { cid } => seen(s.get_lock(IDS[cid]).await, |lock| {
+                Seen::Lock(lock.map(|l| {
+                    let tickets = l
+                        .tickets()
+                        .iter()
+                        .map(|t| (t.number(), t.expires_in().as_millis() as u64))
+                        .collect();
+                    (tickets, l.last_issued())
+                }))
+            }),
+            Step::Waiting { cid } => seen(s.is_someone_waiting(IDS[cid]).await, Seen::Flag),
+            Step::Save {
+                cid,
+                next,
+                ref tickets,
+            } => {
+                let mut lock = TicketLock::new(IDS[cid]);
+                let saved: Vec<Ticket> = tickets
+                    .iter()
+                    .map(|&(n, ms)| Ticket::new(n, Duration::from_millis(ms)))
+                    .collect();
+                let json = serde_json::json!({
+                    "conversation_id": IDS[cid], "next_number": next,
+                    "tickets": saved.iter().map(|t| serde_json::json!({"number": t.number(), "expires_in_ms": t.expires_in().as_millis() as u64})).collect::<Vec<_>>(),
+                });
+                lock = serde_json::from_value(json).unwrap_or(lock);
+                seen(s.save_lock(&lock).await, |()| Seen::Done)
+            }
+            Step::Delete { cid } => seen(s.delete_lock(IDS[cid]).await, |()| Seen::Done),
+            Step::Pass { ms } => {
+                self.clock.advance(Duration::from_millis(ms)).await;
+                Seen::Done
+            }
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, max_shrink_iters: 200, ..ProptestConfig::default() })]
+
+    #[test]
+    fn memory_and_redis_agree(steps in prop::collection::vec(step(), 1..40)) {
+        let rt = runtime();
+        let url = support::redis_url();
+        let outcome: Result<(), String> = rt.block_on(async move {
+            let prefix = support::unique_prefix("diff");
+            let ((memory, memory_clock), (redis, redis_clock)) = manual_clock_stores(&url, &prefix).await.unwrap();
+            let mut sides = [
+                Side { store: memory, clock: memory_clock, guards: vec![None, None], fences: [Vec::new(), Vec::new()] },
+                Side { store: redis, clock: redis_clock, guards: vec![None, None], fences: [Vec::new(), Vec::new()] },
+            ];
+            for (i, step) in steps.iter().enumerate() {
+                // Every step takes a millisecond, as real calls take time: the
+                // fencing token after a deleted record relies on the clock
+                // having moved since the last grant (see the README).
+                for side in &sides {
+                    side.clock.advance(Duration::from_millis(1)).await;
+                }
+                let a = sides[0].apply(step).await;
+                let b = sides[1].apply(step).await;
+                if a != b {
+                    return Err(format!("step {i} {step:?}: memory {a:?}, redis {b:?}"));
+                }
+            }
+            // Each conversation's fencing tokens grew on both sides.
+            for side in &sides {
+                for fences in &side.fences {
+                    if fences.windows(2).any(|w| w[0] >= w[1]) {
+                        return Err(format!("fencing tokens did not grow: {fences:?}"));
+                    }
+                }
+            }
+            for side in &mut sides {
+                for guard in side.guards.iter_mut() {
+                    if let Some(g) = guard.take() {
+                        std::mem::forget(g);
+                    }
+                }
+                for id in IDS {
+                    side.store.delete_lock(id).await.unwrap();
+                }
+            }
+            Ok(())
+        });
+        prop_assert!(outcome.is_ok(), "{}", outcome.unwrap_err());
+    }
+}
