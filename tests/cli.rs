@@ -241,6 +241,41 @@ fn bad_arguments_exit_2_with_one_line() {
 }
 
 #[test]
+fn hostile_input_on_every_command_is_one_line_and_exit_2() {
+    // An argument can be at most 128 KiB on Linux; the library's own tests
+    // cover a 1 MiB id.
+    let long_id = "x".repeat(100 * 1024);
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["simulate", "--lifetime", "1e30"],
+        vec!["simulate", "--lifetime", "-inf"],
+        vec!["simulate", "--hold", "-1"],
+        vec!["inspect", "", "--redis", "redis://127.0.0.1:1"],
+        vec!["inspect", &long_id, "--redis", "redis://127.0.0.1:1"],
+        vec![
+            "inspect",
+            "c",
+            "--key-prefix",
+            "a-b",
+            "--redis",
+            "redis://127.0.0.1:1",
+        ],
+        vec!["inspect", "c"],
+        vec!["scripts", "show", "no-such-script"],
+    ];
+    for args in &cases {
+        let run = ticketlock(args, SHORT);
+        assert_eq!(run.code, Some(2), "{:.80?}: {run:#?}", args);
+        run.assert_one_error_line();
+        assert!(!run.stderr.contains("panicked"), "{run:#?}");
+        assert!(
+            run.stderr.len() < 600,
+            "the error repeats the input: {} bytes",
+            run.stderr.len()
+        );
+    }
+}
+
+#[test]
 fn help_documents_the_exit_codes() {
     for args in [&["--help"][..], &["simulate", "--help"][..]] {
         let run = ticketlock(args, SHORT);

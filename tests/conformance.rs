@@ -839,8 +839,9 @@ async fn with_lock_releases_even_when_the_work_fails(f: Fixture) {
 async fn bad_input_is_a_typed_error(f: Fixture) {
     let s = &f.store;
     let huge = "x".repeat(ticketlock::MAX_CONVERSATION_ID_LEN + 1);
+    let mebibyte = "🙂".repeat(256 * 1024);
     let invalid = |r: Result<(), LockError>| matches!(r, Err(LockError::InvalidInput { .. }));
-    for cid in ["", huge.as_str()] {
+    for cid in ["", huge.as_str(), mebibyte.as_str()] {
         assert!(
             invalid(s.issue_ticket(cid, LONG).await.map(drop)),
             "{cid:.10}"
