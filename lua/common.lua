@@ -76,8 +76,22 @@ local function clock()
   return s * 1000 + math.floor(us / 1000), s * 1000000 + us
 end
 
--- Check types before the first write: Redis does not roll a script back when a
--- later command fails, so foreign data must stop us while nothing changed.
+-- Refuse foreign data before the first write: Redis does not roll a script
+-- back when a later command fails. Every script reads the meta hash here and
+-- reads the queue (head) and the expiry set (prune) before it writes, so a key
+-- of the wrong type fails on that read (WRONGTYPE) while nothing has changed;
+-- the meta fields must hold numbers.
+local function check_fields(meta)
+  local fields = { 'next', 'epoch', 'served', 'served_at', 'fence', 'held' }
+  local values = redis.call('HMGET', meta, unpack(fields))
+  for i, name in ipairs(fields) do
+    if values[i] and not tonumber(values[i]) then
+      error({ err = 'WRONGTYPE ticketlock: field ' .. name .. ' of key ' .. meta .. ' holds a non-number' })
+    end
+  end
+end
+
+-- The full check, for the scripts that write a key before reading it (save, delete).
 local function check_types(meta, queue, expiry)
   local wanted = { [meta] = 'hash', [queue] = 'zset', [expiry] = 'zset' }
   for key, want in pairs(wanted) do
@@ -86,18 +100,7 @@ local function check_types(meta, queue, expiry)
       error({ err = 'WRONGTYPE ticketlock: key ' .. key .. ' holds a ' .. got .. ', expected a ' .. want })
     end
   end
-  local fields = { 'next', 'epoch', 'served', 'served_at', 'fence', 'held' }
-  local values = redis.call('HMGET', meta, unpack(fields))
-  for i, name in ipairs(fields) do
-    if values[i] and not tonumber(values[i]) then
-      error({ err = 'WRONGTYPE ticketlock: field ' .. name .. ' of key ' .. meta .. ' holds a non-number' })
-    end
-  end
-  local first = redis.call('ZRANGE', queue, 0, 0)[1]
-  local last = redis.call('ZRANGE', queue, -1, -1)[1]
-  if (first and not tonumber(first)) or (last and not tonumber(last)) then
-    error({ err = 'WRONGTYPE ticketlock: key ' .. queue .. ' holds a member that is not a ticket number' })
-  end
+  check_fields(meta)
 end
 
 local function integer_arg(value, name, min, max)
@@ -109,9 +112,13 @@ local function integer_arg(value, name, min, max)
 end
 
 local function head(queue)
-  local first = redis.call('ZRANGE', queue, 0, 0)
-  if first[1] then return tonumber(first[1]) end
-  return -1
+  local first = redis.call('ZRANGE', queue, 0, 0)[1]
+  if not first then return -1 end
+  local number = tonumber(first)
+  if not number then
+    error({ err = 'WRONGTYPE ticketlock: key ' .. queue .. ' holds a member that is not a ticket number' })
+  end
+  return number
 end
 
 -- ms until the ticket expires, or -1 when it is not live.

@@ -18,7 +18,7 @@ local meta, queue, expiry = KEYS[1], KEYS[2], KEYS[3]
 local ticket = integer_arg(ARGV[1], 'ticket', 0, 9007199254740991)
 local fence = integer_arg(ARGV[2], 'fence', 0, 9007199254740991)
 local lease = integer_arg(ARGV[3], 'lease_ms', 1, MAX_LIFETIME_MS)
-check_types(meta, queue, expiry)
+check_fields(meta)
 local now, now_us = clock()
 
 local epoch = redis.call('HGET', meta, 'epoch')

@@ -23,7 +23,7 @@ local meta, queue, expiry = KEYS[1], KEYS[2], KEYS[3]
 local lifetime = integer_arg(ARGV[1], 'lifetime_ms', 1, MAX_LIFETIME_MS)
 local liveness = nil
 if ARGV[2] and ARGV[2] ~= '' then liveness = integer_arg(ARGV[2], 'liveness_ms', 1, MAX_LIFETIME_MS) end
-check_types(meta, queue, expiry)
+check_fields(meta)
 local now, now_us = clock()
 
 local before = head(queue)

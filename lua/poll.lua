@@ -23,7 +23,7 @@
 
 local meta, queue, expiry = KEYS[1], KEYS[2], KEYS[3]
 local ticket = integer_arg(ARGV[1], 'ticket', 0, 9007199254740991)
-check_types(meta, queue, expiry)
+check_fields(meta)
 local now, now_us = clock()
 
 local epoch = redis.call('HGET', meta, 'epoch')

@@ -16,7 +16,7 @@
 
 local meta, queue, expiry = KEYS[1], KEYS[2], KEYS[3]
 local limit = integer_arg(ARGV[1], 'limit', -1, 9007199254740991)
-check_types(meta, queue, expiry)
+check_fields(meta)
 local now = clock()
 
 local fields = redis.call('HMGET', meta, 'next', 'epoch')
@@ -30,6 +30,9 @@ while limit < 0 or listed < limit do
   local numbers = redis.call('ZRANGE', queue, start, start + batch - 1)
   if #numbers == 0 then break end
   for _, number in ipairs(numbers) do
+    if not tonumber(number) then
+      error({ err = 'WRONGTYPE ticketlock: key ' .. queue .. ' holds a member that is not a ticket number' })
+    end
     local left = remaining(expiry, number, now)
     if left >= 0 then
       reply[#reply + 1] = tonumber(number)

@@ -25,7 +25,7 @@ local mode = ARGV[2]
 if mode ~= 'finish' and mode ~= 'cleanup' then
   error({ err = 'ERR ticketlock: mode must be "finish" or "cleanup", got ' .. tostring(mode) })
 end
-check_types(meta, queue, expiry)
+check_fields(meta)
 local now, now_us = clock()
 
 local epoch = redis.call('HGET', meta, 'epoch')

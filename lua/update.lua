@@ -12,7 +12,7 @@
 -- after finish; only cleanup and delete remove it.
 
 local meta, queue, expiry = KEYS[1], KEYS[2], KEYS[3]
-check_types(meta, queue, expiry)
+check_fields(meta)
 local now, now_us = clock()
 local epoch = redis.call('HGET', meta, 'epoch')
 if not epoch then return { 0, -1 } end
