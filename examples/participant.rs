@@ -5,13 +5,27 @@
 //!
 //! ```sh
 //! cargo run --example participant -- --redis redis://127.0.0.1:6379 --prefix P \
-//!     --conversation C --role hold|wait|loop [--lifetime-ms N] [--dead-waiter-ms N] \
-//!     [--count N] [--hold-ms N] [--log-key K] [--check-held]
+//!     --conversation C [--conversation C2 ...] --role hold|wait|loop \
+//!     [--lifetime-ms N] [--dead-waiter-ms N] [--count N] [--hold-ms N] \
+//!     [--log-key K] [--counter-key K] [--check-held]
 //! ```
 //!
 //! Roles: `hold` takes the lock once and keeps it for `--hold-ms` (default:
 //! until killed, at most `--max-seconds`); `wait` takes it once and keeps it
 //! `--hold-ms` (default 0); `loop` runs `--count` critical sections.
+//!
+//! `--redis` may also be a cluster URL, `redis+cluster://h1:p1,h2:p2` (with
+//! `[user:password@]`): the store and the participant's own log/counter
+//! connection then speak Redis Cluster. (`rediss+cluster://` gives that
+//! connection `rediss://` nodes with the system's roots only: no custom CA,
+//! no `#insecure`.)
+//!
+//! `--conversation` may be given several times: the role then runs for each
+//! conversation at once (one task each, `--count` sections each), every
+//! line below except `ready`, `issued` and `done` ends with the
+//! conversation, and `done` counts the sections of all of them. In
+//! `--log-key` and `--counter-key`, `<cid>` stands for the conversation (so
+//! `P:log:{<cid>}` puts each conversation's list on its lock's shard).
 //!
 //! Every line on stdout is flushed as it is written (`<word> <args...>`):
 //!
@@ -33,6 +47,11 @@
 //! one before releasing; with `--check-held` also `late ...` (as above) after
 //! the grant entry when the lease turned out to be gone.
 //!
+//! With `--counter-key K`, each critical section does a deliberately
+//! non-atomic read-modify-write of the integer at K: GET (missing is 0) right
+//! after the grant entry, then the hold, then SET to the value read plus one
+//! (before the release entry). Only the lock keeps updates from being lost.
+//!
 //! Bounded: at most `--count` sections, `--count * 10 + 10` attempts and
 //! `--max-seconds` (default 60) in all; then it exits.
 
@@ -41,7 +60,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, ValueEnum};
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncCommands, AsyncConnectionConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{AsyncConnectionConfig, FromRedisValue, RedisResult};
 use ticketlock::{LockError, LockGuard, LockOptions, LockStore, StoreConfig};
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
@@ -57,14 +78,15 @@ enum Role {
 #[derive(Debug, Parser)]
 #[command(about = "A lock participant as its own process (for tests/faults.rs)")]
 struct Args {
-    /// redis://127.0.0.1:PORT[/db]
+    /// redis://127.0.0.1:PORT[/db], or redis+cluster://h1:p1,h2:p2
     #[arg(long)]
     redis: String,
     /// Alphanumeric key prefix (keys `<prefix>:lock:...`).
     #[arg(long)]
     prefix: String,
-    #[arg(long)]
-    conversation: String,
+    /// Repeatable: the role runs for each conversation at once.
+    #[arg(long, required = true)]
+    conversation: Vec<String>,
     #[arg(long, value_enum)]
     role: Role,
     /// The lease, from the grant.
@@ -79,9 +101,12 @@ struct Args {
     /// Time inside each critical section (hold: default until killed).
     #[arg(long)]
     hold_ms: Option<u64>,
-    /// RPUSH grant/release lines to this list.
+    /// RPUSH grant/release lines to this list (`<cid>`: the conversation).
     #[arg(long)]
     log_key: Option<String>,
+    /// GET, then SET + 1, this integer in each section (`<cid>` as above).
+    #[arg(long)]
+    counter_key: Option<String>,
     /// After the grant entry, ask the store whether the lease still stands.
     #[arg(long)]
     check_held: bool,
@@ -158,7 +183,8 @@ impl<S: tracing::Subscriber> Layer<S> for IssuedLine {
 
 #[tokio::main]
 async fn main() -> Result<(), Failure> {
-    let args = Args::parse();
+    // Leaked: one per process, shared by the tasks of every conversation.
+    let args: &'static Args = Box::leak(Box::new(Args::parse()));
     let filter =
         tracing_subscriber::filter::Targets::new().with_target("ticketlock", tracing::Level::DEBUG);
     tracing_subscriber::registry()
@@ -166,7 +192,7 @@ async fn main() -> Result<(), Failure> {
         .init();
 
     let deadline = Instant::now() + Duration::from_secs(args.max_seconds);
-    match tokio::time::timeout_at(deadline.into(), run(&args, deadline)).await {
+    match tokio::time::timeout_at(deadline.into(), run(args, deadline)).await {
         Ok(result) => result,
         Err(_) => {
             say("error false max-seconds reached");
@@ -175,19 +201,70 @@ async fn main() -> Result<(), Failure> {
     }
 }
 
-async fn run(args: &Args, deadline: Instant) -> Result<(), Failure> {
+/// The participant's own connection, for its log and counter: plain, or a
+/// cluster connection (which routes each key to its shard).
+#[derive(Clone)]
+enum Conn {
+    Plain(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl Conn {
+    async fn open(url: &str, timeout: Duration) -> Result<Conn, Failure> {
+        match cluster_nodes(url) {
+            Some(nodes) => {
+                let client = ClusterClientBuilder::new(nodes)
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .build()?;
+                Ok(Conn::Cluster(client.get_async_connection().await?))
+            }
+            None => {
+                let conn = redis::Client::open(url)?
+                    .get_multiplexed_async_connection_with_config(
+                        &AsyncConnectionConfig::new()
+                            .set_connection_timeout(Some(timeout))
+                            .set_response_timeout(Some(timeout)),
+                    )
+                    .await?;
+                Ok(Conn::Plain(conn))
+            }
+        }
+    }
+
+    async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> RedisResult<T> {
+        match self.clone() {
+            Conn::Plain(mut conn) => cmd.query_async(&mut conn).await,
+            Conn::Cluster(mut conn) => cmd.query_async(&mut conn).await,
+        }
+    }
+}
+
+/// The node URLs of `redis+cluster://[auth@]h1:p1,h2:p2` (`rediss+cluster`:
+/// `rediss://` nodes), each with the credentials; `None` for other URLs.
+fn cluster_nodes(url: &str) -> Option<Vec<String>> {
+    let (scheme, rest) = url.split_once("://")?;
+    let base = scheme.strip_suffix("+cluster")?;
+    let (auth, hosts) = match rest.rsplit_once('@') {
+        Some((auth, hosts)) => (format!("{auth}@"), hosts),
+        None => (String::new(), rest),
+    };
+    let hosts = hosts.split(['/', '#']).next().unwrap_or_default();
+    Some(
+        hosts
+            .split(',')
+            .map(|host| format!("{base}://{auth}{host}"))
+            .collect(),
+    )
+}
+
+async fn run(args: &'static Args, deadline: Instant) -> Result<(), Failure> {
     let timeout = Duration::from_millis(args.socket_timeout_ms);
     let mut config = StoreConfig::redis(args.redis.as_str());
     config.key_prefix = Some(args.prefix.clone());
     config.socket_timeout = Some(timeout.as_secs_f64());
     let store = LockStore::create(Some(&config)).await?;
-    let conn = redis::Client::open(args.redis.as_str())?
-        .get_multiplexed_async_connection_with_config(
-            &AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(timeout))
-                .set_response_timeout(Some(timeout)),
-        )
-        .await?;
+    let conn = Conn::open(&args.redis, timeout).await?;
     say(&format!("ready {}", std::process::id()));
 
     let mut options = LockOptions::default().with_lifetime(Duration::from_millis(args.lifetime_ms));
@@ -206,77 +283,150 @@ async fn run(args: &Args, deadline: Instant) -> Result<(), Failure> {
         ),
     };
 
+    let several = args.conversation.len() > 1;
+    let tasks: Vec<_> = args
+        .conversation
+        .iter()
+        .map(|cid| {
+            let party = Party {
+                args,
+                cid,
+                // Appended to the lines only with several conversations, so
+                // a single one prints exactly what it always did.
+                tag: if several {
+                    format!(" {cid}")
+                } else {
+                    String::new()
+                },
+                store: store.clone(),
+                conn: conn.clone(),
+            };
+            tokio::spawn(party.sections(options, count, hold, deadline))
+        })
+        .collect();
     let mut done = 0;
-    let mut attempts = 0;
-    while done < count {
-        attempts += 1;
-        if attempts > count * 10 + 10 || Instant::now() >= deadline {
-            say(&format!("error false gave up after {attempts} attempts"));
-            say(&format!("done {done}"));
-            std::process::exit(4);
-        }
-        say("waiting");
-        let guard = match store.lock_with(&args.conversation, options).await {
-            Ok(guard) => guard,
-            Err(e) => {
-                report(&e);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
-        };
-        section(args, &conn, guard, hold, deadline).await;
-        done += 1;
+    for task in tasks {
+        done += task.await?;
     }
     say(&format!("done {done}"));
     Ok(())
 }
 
-fn report(e: &LockError) {
+fn report(e: &LockError, tag: &str) {
     let message = e.to_string().replace('\n', " ");
-    say(&format!("error {} {message}", e.is_retryable()));
+    say(&format!("error {} {message}{tag}", e.is_retryable()));
 }
 
-/// One critical section: log the grant, hold, log the release, release.
-/// Log failures are reported and the section goes on (the test sees the gap).
-async fn section(
-    args: &Args,
-    conn: &MultiplexedConnection,
-    guard: LockGuard,
-    hold: Option<Duration>,
-    deadline: Instant,
-) {
-    let (ticket, fence) = (guard.ticket(), guard.fencing_token());
-    let pid = std::process::id();
-    say(&format!("acquired {ticket} {fence}"));
-    let mut conn = conn.clone();
-    if let Some(key) = &args.log_key {
-        let entry = format!("grant {ticket} {fence} {pid} {}", now_us());
-        if let Err(e) = conn.rpush::<_, _, u64>(key, entry).await {
-            say(&format!("error true log: {e}"));
+/// The role's work on one conversation.
+struct Party {
+    args: &'static Args,
+    cid: &'static str,
+    /// `""`, or `" <cid>"` with several conversations.
+    tag: String,
+    store: LockStore,
+    conn: Conn,
+}
+
+impl Party {
+    /// A key of `--log-key`/`--counter-key` for this conversation.
+    fn key(&self, template: &str) -> String {
+        template.replace("<cid>", self.cid)
+    }
+
+    /// `count` critical sections; returns how many were done.
+    async fn sections(
+        self,
+        options: LockOptions,
+        count: u64,
+        hold: Option<Duration>,
+        deadline: Instant,
+    ) -> u64 {
+        let tag = &self.tag;
+        let mut done = 0;
+        let mut attempts = 0;
+        while done < count {
+            attempts += 1;
+            if attempts > count * 10 + 10 || Instant::now() >= deadline {
+                say(&format!(
+                    "error false gave up after {attempts} attempts{tag}"
+                ));
+                say(&format!("done {done}"));
+                std::process::exit(4);
+            }
+            say(&format!("waiting{tag}"));
+            let guard = match self.store.lock_with(self.cid, options).await {
+                Ok(guard) => guard,
+                Err(e) => {
+                    report(&e, tag);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            };
+            self.section(guard, hold, deadline).await;
+            done += 1;
         }
-        if args.check_held && !matches!(guard.is_held().await, Ok(true)) {
-            say(&format!("late {ticket} {fence}"));
-            let entry = format!("late {ticket} {fence} {pid} {}", now_us());
-            if let Err(e) = conn.rpush::<_, _, u64>(key, entry).await {
-                say(&format!("error true log: {e}"));
+        done
+    }
+
+    /// Appends `<kind> <ticket> <fence> <pid> <µs>` to the log, if any.
+    async fn log(&self, kind: &str, ticket: u64, fence: u64) {
+        if let Some(key) = &self.args.log_key {
+            let entry = format!(
+                "{kind} {ticket} {fence} {} {}",
+                std::process::id(),
+                now_us()
+            );
+            let push = redis::cmd("RPUSH").arg(self.key(key)).arg(entry).clone();
+            if let Err(e) = self.conn.query::<u64>(&push).await {
+                say(&format!("error true log: {e}{}", self.tag));
             }
         }
     }
-    match hold {
-        Some(hold) if !hold.is_zero() => tokio::time::sleep(hold).await,
-        Some(_) => {}
-        // Until killed (the test's job), or the time is up.
-        None => tokio::time::sleep_until(deadline.into()).await,
-    }
-    if let Some(key) = &args.log_key {
-        let entry = format!("release {ticket} {fence} {pid} {}", now_us());
-        if let Err(e) = conn.rpush::<_, _, u64>(key, entry).await {
-            say(&format!("error true log: {e}"));
+
+    /// One critical section: log the grant, read the counter, hold, write the
+    /// counter, log the release, release. Log and counter failures are
+    /// reported and the section goes on (the test sees the gap).
+    async fn section(&self, guard: LockGuard, hold: Option<Duration>, deadline: Instant) {
+        let tag = &self.tag;
+        let (ticket, fence) = (guard.ticket(), guard.fencing_token());
+        say(&format!("acquired {ticket} {fence}{tag}"));
+        self.log("grant", ticket, fence).await;
+        if self.args.log_key.is_some()
+            && self.args.check_held
+            && !matches!(guard.is_held().await, Ok(true))
+        {
+            say(&format!("late {ticket} {fence}{tag}"));
+            self.log("late", ticket, fence).await;
         }
-    }
-    match guard.release().await {
-        Ok(()) => say(&format!("released {ticket}")),
-        Err(LockError::Expired { .. }) => say(&format!("expired {ticket}")),
-        Err(e) => report(&e),
+        let counter = self.args.counter_key.as_deref().map(|k| self.key(k));
+        let mut read = None;
+        if let Some(key) = &counter {
+            match self
+                .conn
+                .query::<Option<u64>>(redis::cmd("GET").arg(key))
+                .await
+            {
+                Ok(value) => read = Some(value.unwrap_or(0)),
+                Err(e) => say(&format!("error true counter: {e}{tag}")),
+            }
+        }
+        match hold {
+            Some(hold) if !hold.is_zero() => tokio::time::sleep(hold).await,
+            Some(_) => {}
+            // Until killed (the test's job), or the time is up.
+            None => tokio::time::sleep_until(deadline.into()).await,
+        }
+        if let (Some(key), Some(read)) = (&counter, read) {
+            let set = redis::cmd("SET").arg(key).arg(read + 1).clone();
+            if let Err(e) = self.conn.query::<()>(&set).await {
+                say(&format!("error true counter: {e}{tag}"));
+            }
+        }
+        self.log("release", ticket, fence).await;
+        match guard.release().await {
+            Ok(()) => say(&format!("released {ticket}{tag}")),
+            Err(LockError::Expired { .. }) => say(&format!("expired {ticket}{tag}")),
+            Err(e) => report(&e, tag),
+        }
     }
 }

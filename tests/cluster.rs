@@ -3,13 +3,16 @@
 //!
 //! Scripts run on the shard that owns a conversation's keys, wake-ups travel
 //! by sharded pub/sub on that shard, and conversations spread over every
-//! shard stay exclusive.
+//! shard stay exclusive, also between separate OS processes (the
+//! `participant` example, as in tests/faults.rs).
 
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use support::{redis_cli, shared_cluster, RedisCluster, RedisServer};
@@ -85,6 +88,61 @@ fn ids_on_every_node(cluster: &RedisCluster, prefix: &str, per_node: usize) -> V
         }
     }
     by_port.into_values().flatten().collect()
+}
+
+/// Builds the `participant` example once per test binary, with the same
+/// cargo, profile and target dir as this binary, and returns its path (from
+/// cargo's JSON report). As in tests/faults.rs, cargo's per-package
+/// variables are not passed on (ring's build script watches them).
+fn participant_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("current_exe");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binary lives in <target>/<profile>/deps");
+        let mut command = std::process::Command::new(env!("CARGO"));
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_BIN_"]
+                .iter()
+                .any(|p| key.starts_with(p))
+                || matches!(
+                    &*key,
+                    "CARGO_CRATE_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_TARGET_TMPDIR"
+                        | "OUT_DIR"
+                )
+            {
+                command.env_remove(&*key);
+            }
+        }
+        command
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["build", "--quiet", "--example", "participant"])
+            .args(["--message-format", "json-render-diagnostics"])
+            .arg("--target-dir")
+            .arg(profile_dir.parent().expect("target dir"))
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit());
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            command.arg("--release");
+        }
+        let output = command.output().expect("running cargo build");
+        assert!(
+            output.status.success(),
+            "cargo build --example participant failed ({})",
+            output.status
+        );
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "participant")
+            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+            .expect("cargo did not report the participant's executable")
+    })
 }
 
 async fn lock_and_release(store: &LockStore, cid: &str) -> Result<(), LockError> {
@@ -435,6 +493,161 @@ async fn conversations_spread_over_all_three_shards_stay_exclusive() {
     let sections = ids.len() * TASKS_PER_ID * ROUNDS;
     println!(
         "cluster exclusion: {sections} critical sections on {} conversations over 3 shards in {took:?} ({:.0}/s)",
+        ids.len(),
+        sections as f64 / took.as_secs_f64()
+    );
+    let left = keys_everywhere(cluster, &prefix);
+    assert!(left.is_empty(), "keys left behind: {left:?}");
+}
+
+/// The multi-process exclusion test on a real 3-master cluster: 4
+/// participant processes (`--redis redis+cluster://...`) each run 30
+/// critical sections on each of 3 conversations, one per shard, all at once.
+/// Each section logs its grant, does a deliberately non-atomic GET-then-SET
+/// of the conversation's counter (a key with the conversation's hash tag, so
+/// on its shard), and logs its release. No update is lost, every
+/// conversation's log is a sequence of disjoint sections (each grant is
+/// followed by its own release) with strictly increasing fencing tokens, and
+/// no key of the prefix is left on any node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_processes_on_three_shards_lose_no_update_and_fence_in_order() {
+    // The build may wait for other cargo processes: before any clock starts.
+    tokio::task::block_in_place(|| {
+        participant_bin();
+    });
+    let cluster = shared_cluster();
+    let prefix = support::unique_prefix("mproc");
+    let ids = ids_on_every_node(cluster, &prefix, 1);
+    const PROCESSES: usize = 4;
+    const SECTIONS: usize = 30;
+    let log_key = |cid: &str| format!("{prefix}:xlog:{{{cid}}}");
+    let counter_key = |cid: &str| format!("{prefix}:xcount:{{{cid}}}");
+    // One conversation per shard, and its log and counter on that shard too.
+    let owners: BTreeMap<&str, u16> = ids
+        .iter()
+        .map(|cid| (cid.as_str(), cluster.port_for_key(&meta(&prefix, cid))))
+        .collect();
+    assert_eq!(
+        owners.values().collect::<BTreeSet<_>>().len(),
+        3,
+        "{owners:?}"
+    );
+    for (cid, &port) in &owners {
+        assert_eq!(cluster.port_for_key(&log_key(cid)), port, "{cid}");
+        assert_eq!(cluster.port_for_key(&counter_key(cid)), port, "{cid}");
+    }
+
+    let url = cluster.url();
+    let (count, log_template, counter_template) =
+        (SECTIONS.to_string(), log_key("<cid>"), counter_key("<cid>"));
+    let started = Instant::now();
+    let children: Vec<tokio::process::Child> = (0..PROCESSES)
+        .map(|_| {
+            let mut command = tokio::process::Command::new(participant_bin());
+            command.args(["--redis", &url, "--prefix", &prefix]);
+            for cid in &ids {
+                command.args(["--conversation", cid]);
+            }
+            command
+                .args(["--role", "loop", "--count", &count, "--hold-ms", "1"])
+                .args(["--lifetime-ms", "15000", "--max-seconds", "100"])
+                .args(["--log-key", &log_template])
+                .args(["--counter-key", &counter_template])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("spawning a participant")
+        })
+        .collect();
+    let pids: Vec<u32> = children.iter().filter_map(|c| c.id()).collect();
+    let mut retries = 0;
+    for child in children {
+        let output = tokio::time::timeout(Duration::from_secs(110), child.wait_with_output())
+            .await
+            .expect("a participant did not finish in 110 s")
+            .expect("waiting for a participant");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let transcript = format!(
+            "{stdout}\nstderr:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            output.status.success(),
+            "a participant exited with {}:\n{transcript}",
+            output.status
+        );
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l == format!("done {}", ids.len() * SECTIONS)),
+            "{transcript}"
+        );
+        // A failed call (retried) or a lost lease shows up here.
+        retries += stdout
+            .lines()
+            .filter(|l| l.starts_with("error ") || l.starts_with("expired "))
+            .count();
+    }
+    let took = started.elapsed();
+
+    // Consecutive sections of a conversation held by different processes.
+    let mut switches = 0;
+    for (cid, &port) in &owners {
+        let counter = redis_cli(port, &["GET", &counter_key(cid)]);
+        assert_eq!(
+            counter,
+            (PROCESSES * SECTIONS).to_string(),
+            "lost updates on {cid} (shard {port})"
+        );
+        let log = redis_cli(port, &["LRANGE", &log_key(cid), "0", "-1"]);
+        let entries: Vec<(&str, u64, u64, u32)> = log
+            .lines()
+            .map(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                assert_eq!(f.len(), 5, "malformed log line {line:?} of {cid}");
+                let n = |i: usize| f[i].parse::<u64>().expect("a number");
+                (f[0], n(1), n(2), n(3) as u32)
+            })
+            .collect();
+        assert_eq!(entries.len(), 2 * PROCESSES * SECTIONS, "{cid}: {log}");
+        let mut per_pid: BTreeMap<u32, usize> = BTreeMap::new();
+        let mut last_fence = None;
+        let mut last_pid = None;
+        for pair in entries.chunks(2) {
+            let (grant, release) = (pair[0], pair[1]);
+            assert_eq!(grant.0, "grant", "{cid}: {pair:?}\n{log}");
+            assert_eq!(
+                (release.0, release.1, release.2, release.3),
+                ("release", grant.1, grant.2, grant.3),
+                "overlapping sections on {cid}: {pair:?}\n{log}"
+            );
+            assert!(
+                last_fence.is_none_or(|last| last < grant.2),
+                "fencing token not increasing on {cid}: {last_fence:?} then {pair:?}\n{log}"
+            );
+            last_fence = Some(grant.2);
+            if last_pid.is_some_and(|pid| pid != grant.3) {
+                switches += 1;
+            }
+            last_pid = Some(grant.3);
+            *per_pid.entry(grant.3).or_default() += 1;
+        }
+        assert_eq!(
+            per_pid.keys().copied().collect::<BTreeSet<_>>(),
+            pids.iter().copied().collect::<BTreeSet<_>>(),
+            "{cid}"
+        );
+        assert!(per_pid.values().all(|&n| n == SECTIONS), "{per_pid:?}");
+        assert_eq!(
+            redis_cli(port, &["DEL", &counter_key(cid), &log_key(cid)]),
+            "2"
+        );
+    }
+    let sections = PROCESSES * ids.len() * SECTIONS;
+    println!(
+        "cluster, {PROCESSES} processes: {sections} critical sections on {} conversations over 3 shards in {took:?} ({:.0}/s), {switches} hand-overs between processes, {retries} retried calls or lost leases",
         ids.len(),
         sections as f64 / took.as_secs_f64()
     );
