@@ -110,6 +110,28 @@ impl Fixture {
         }
     }
 
+    /// A store that finds its master through a sentinel (the shared
+    /// deployment of `support`: master, replica, sentinel).
+    async fn sentinel() -> Fixture {
+        let d = support::shared_sentinel();
+        let prefix = support::unique_prefix("sent");
+        let mut config = StoreConfig::redis("127.0.0.1");
+        config.deployment_mode = ticketlock::DeploymentMode::Sentinel;
+        config.endpoints = vec![d.sentinel.endpoint()];
+        config.sentinel_service = Some("mymaster".to_owned());
+        config.key_prefix = Some(prefix.clone());
+        config.db = Some(0); // where the fixture's own client looks
+        let store = LockStore::create(Some(&config))
+            .await
+            .expect("connect through the sentinel");
+        let client = redis::Client::open(d.master.url()).unwrap();
+        Fixture {
+            store,
+            redis: Some((client, format!("{prefix}:lock:"))),
+            nodes: Vec::new(),
+        }
+    }
+
     /// Every key under this fixture's prefix, with its TTL in ms.
     async fn keys(&self) -> Vec<(String, i64)> {
         let Some((client, prefix)) = &self.redis else {
@@ -188,6 +210,14 @@ macro_rules! conformance {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
                     super::$case(super::Fixture::redis(ticketlock::ScriptMode::Eval).await).await
+                }
+            )*
+        }
+        mod on_sentinel {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::Fixture::sentinel().await).await
                 }
             )*
         }

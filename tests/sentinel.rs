@@ -16,51 +16,16 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::{redis_cli, wait_for, RedisServer, SentinelServer};
+use support::{redis_cli, wait_for};
 use ticketlock::{DeploymentMode, LockError, LockOptions, LockStore, StoreConfig};
 
 const SERVICE: &str = "mymaster";
 const PROMPT: Duration = Duration::from_secs(2);
 
-/// Master, replica and sentinel; dropped (killed) together.
-struct Deployment {
-    master: RedisServer,
-    replica: RedisServer,
-    sentinel: SentinelServer,
-}
-
-const DATA_NODE_ARGS: [&str; 4] = [
-    "--min-replicas-to-write",
-    "1",
-    "--min-replicas-max-lag",
-    "10",
-];
+use support::SentinelDeployment as Deployment;
 
 fn deploy() -> Deployment {
-    let master = RedisServer::start_with(&DATA_NODE_ARGS);
-    let master_port = master.port().to_string();
-    let mut replica_args = vec!["--replicaof", "127.0.0.1", &master_port];
-    replica_args.extend(DATA_NODE_ARGS);
-    let replica = RedisServer::start_with(&replica_args);
-    wait_for("the replica is in sync", Duration::from_secs(20), || {
-        let info = redis_cli(master.port(), &["INFO", "replication"]);
-        let replica_info = redis_cli(replica.port(), &["INFO", "replication"]);
-        if info.contains("connected_slaves:1")
-            && info.contains("min_slaves_good_slaves:1")
-            && replica_info.contains("master_link_status:up")
-        {
-            Ok(())
-        } else {
-            Err(format!("{info}\n{replica_info}"))
-        }
-    });
-    let sentinel = SentinelServer::start(SERVICE, master.port(), &[]);
-    sentinel.wait_for_replica(replica.port());
-    Deployment {
-        master,
-        replica,
-        sentinel,
-    }
+    Deployment::start(SERVICE)
 }
 
 /// A sentinel config for `deployment` with a fresh key prefix.

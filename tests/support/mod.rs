@@ -1491,3 +1491,59 @@ fn spawn_sentinel(dir: &Path, conf: &Path, port: u16) -> Result<(Child, Child), 
     }
     Ok((child, watchdog))
 }
+
+/// Arguments of a Sentinel deployment's data nodes: a master refuses writes
+/// (`NOREPLICAS`, retryable) unless a replica follows it, so writes to a
+/// master that was just replaced are refused instead of lost.
+pub const SENTINEL_DATA_NODE_ARGS: [&str; 4] = [
+    "--min-replicas-to-write",
+    "1",
+    "--min-replicas-max-lag",
+    "10",
+];
+
+/// One master, one replica (`--replicaof`) and one sentinel watching them
+/// as `service`; dropped (killed) together.
+pub struct SentinelDeployment {
+    pub master: RedisServer,
+    pub replica: RedisServer,
+    pub sentinel: SentinelServer,
+}
+
+impl SentinelDeployment {
+    /// Starts all three and waits until the replica is in sync and the
+    /// sentinel knows it.
+    pub fn start(service: &str) -> SentinelDeployment {
+        let master = RedisServer::start_with(&SENTINEL_DATA_NODE_ARGS);
+        let master_port = master.port().to_string();
+        let mut replica_args = vec!["--replicaof", "127.0.0.1", &master_port];
+        replica_args.extend(SENTINEL_DATA_NODE_ARGS);
+        let replica = RedisServer::start_with(&replica_args);
+        wait_for("the replica is in sync", Duration::from_secs(20), || {
+            let info = redis_cli(master.port(), &["INFO", "replication"]);
+            let replica_info = redis_cli(replica.port(), &["INFO", "replication"]);
+            if info.contains("connected_slaves:1")
+                && info.contains("min_slaves_good_slaves:1")
+                && replica_info.contains("master_link_status:up")
+            {
+                Ok(())
+            } else {
+                Err(format!("{info}\n{replica_info}"))
+            }
+        });
+        let sentinel = SentinelServer::start(service, master.port(), &[]);
+        sentinel.wait_for_replica(replica.port());
+        SentinelDeployment {
+            master,
+            replica,
+            sentinel,
+        }
+    }
+}
+
+/// A Sentinel deployment (service `mymaster`) shared by the whole test
+/// binary, started on first use; tests sharing it keep to their own keys.
+pub fn shared_sentinel() -> &'static SentinelDeployment {
+    static SHARED: OnceLock<SentinelDeployment> = OnceLock::new();
+    SHARED.get_or_init(|| SentinelDeployment::start("mymaster"))
+}
