@@ -9,10 +9,10 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::{redis_cli, shared_cluster, RedisCluster, RedisServer};
@@ -90,108 +90,8 @@ fn ids_on_every_node(cluster: &RedisCluster, prefix: &str, per_node: usize) -> V
     by_port.into_values().flatten().collect()
 }
 
-/// Builds the `participant` example once per test binary, with the same
-/// cargo, profile and target dir as this binary, and returns its path (from
-/// cargo's JSON report). As in tests/faults.rs, cargo's per-package
-/// variables are not passed on (ring's build script watches them).
-fn participant_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test binary lives in <target>/<profile>/deps");
-        let mut command = std::process::Command::new(env!("CARGO"));
-        for (key, _) in std::env::vars_os() {
-            let key = key.to_string_lossy();
-            if ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_BIN_"]
-                .iter()
-                .any(|p| key.starts_with(p))
-                || matches!(
-                    &*key,
-                    "CARGO_CRATE_NAME"
-                        | "CARGO_PRIMARY_PACKAGE"
-                        | "CARGO_TARGET_TMPDIR"
-                        | "OUT_DIR"
-                )
-            {
-                command.env_remove(&*key);
-            }
-        }
-        command
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args(["build", "--quiet", "--example", "participant"])
-            .args(["--message-format", "json-render-diagnostics"])
-            .arg("--target-dir")
-            .arg(profile_dir.parent().expect("target dir"))
-            .stdin(Stdio::null())
-            .stderr(Stdio::inherit());
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            command.arg("--release");
-        }
-        let output = command.output().expect("running cargo build");
-        assert!(
-            output.status.success(),
-            "cargo build --example participant failed ({})",
-            output.status
-        );
-        String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "participant")
-            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-            .expect("cargo did not report the participant's executable")
-    })
-}
-
 async fn lock_and_release(store: &LockStore, cid: &str) -> Result<(), LockError> {
     store.lock_with(cid, patient()).await?.release().await
-}
-
-/// `a` holds `cid`, `b` queues behind it and sleeps; releasing in `a` must
-/// hand the lock to `b` by a push. Returns how long the hand-off took.
-async fn pushed_handoff(a: &LockStore, b: &LockStore, cid: &str) -> Duration {
-    let held = a.lock_with(cid, patient()).await.expect("first lock");
-    let waiter = {
-        let b = b.clone();
-        let cid = cid.to_owned();
-        tokio::spawn(async move {
-            let result = b.lock_with(&cid, patient()).await;
-            (result, Instant::now())
-        })
-    };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while a
-        .get_lock(cid)
-        .await
-        .expect("get_lock")
-        .is_none_or(|l| l.tickets().len() != 2)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the waiter's ticket never showed up"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    // Let it subscribe, poll once and go to sleep.
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    assert!(
-        !waiter.is_finished(),
-        "the waiter got the lock while it was held"
-    );
-    let released = Instant::now();
-    held.release().await.expect("release");
-    let (result, acquired) = tokio::time::timeout(PROMPT * 3, waiter)
-        .await
-        .expect("the waiter was not handed the lock (no pushed wake-up?)")
-        .expect("waiter task");
-    result
-        .expect("the waiter's lock")
-        .release()
-        .await
-        .expect("release by the waiter");
-    acquired.duration_since(released)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -336,7 +236,7 @@ async fn a_release_is_pushed_by_sharded_pub_sub_on_the_conversations_shard() {
     let mut took = Vec::new();
     for cid in &ids {
         for _ in 0..10 {
-            took.push(pushed_handoff(&a, &b, cid).await);
+            took.push(support::pushed_handoff(&a, &b, cid).await);
         }
     }
     took.sort();
@@ -513,7 +413,7 @@ async fn conversations_spread_over_all_three_shards_stay_exclusive() {
 async fn four_processes_on_three_shards_lose_no_update_and_fence_in_order() {
     // The build may wait for other cargo processes: before any clock starts.
     tokio::task::block_in_place(|| {
-        participant_bin();
+        support::example_binary("participant");
     });
     let cluster = shared_cluster();
     let prefix = support::unique_prefix("mproc");
@@ -543,7 +443,7 @@ async fn four_processes_on_three_shards_lose_no_update_and_fence_in_order() {
     let started = Instant::now();
     let children: Vec<tokio::process::Child> = (0..PROCESSES)
         .map(|_| {
-            let mut command = tokio::process::Command::new(participant_bin());
+            let mut command = tokio::process::Command::new(support::example_binary("participant"));
             command.args(["--redis", &url, "--prefix", &prefix]);
             for cid in &ids {
                 command.args(["--conversation", cid]);
@@ -676,7 +576,7 @@ async fn scripts_and_the_library_reach_every_shard_and_come_back_after_a_flush()
         for cid in &ids {
             lock_and_release(&functions, cid).await.expect("functions");
             lock_and_release(&eval, cid).await.expect("eval");
-            pushed_handoff(&functions, &eval, cid).await;
+            support::pushed_handoff(&functions, &eval, cid).await;
         }
         if round == 0 {
             // Every node forgets: the next calls reload on the node that ran them.

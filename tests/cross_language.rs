@@ -8,7 +8,6 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -55,34 +54,6 @@ fn python() -> &'static str {
         );
     }
     "python3"
-}
-
-/// The `contend` example, built once per test binary with the cargo that
-/// runs the tests (its own target dir, `CARGO_TARGET_DIR` included).
-fn contend_binary() -> PathBuf {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY
-        .get_or_init(|| {
-            let out = std::process::Command::new(env!("CARGO"))
-                .args(["build", "--example", "contend", "--message-format=json"])
-                .arg("--manifest-path")
-                .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
-                .stdin(Stdio::null())
-                .output()
-                .expect("running cargo build --example contend");
-            assert!(
-                out.status.success(),
-                "cargo build --example contend failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-                .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "contend")
-                .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-                .expect("cargo named no executable for the contend example")
-        })
-        .clone()
 }
 
 fn store_config(url: &str, prefix: &str) -> StoreConfig {
@@ -294,7 +265,7 @@ async fn contend_here(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_and_rust_processes_share_one_fifo_queue() {
     let python = python();
-    let binary = tokio::task::spawn_blocking(contend_binary)
+    let binary = tokio::task::spawn_blocking(|| support::example_binary("contend"))
         .await
         .expect("building the contend example");
     let url = support::redis_url();

@@ -46,50 +46,6 @@ fn patient() -> LockOptions {
         .with_timeout(Duration::from_secs(20))
 }
 
-/// `a` holds `cid`, `b` queues behind it and sleeps; releasing in `a` must
-/// hand the lock to `b` by a push. Returns how long the hand-off took.
-async fn pushed_handoff(a: &LockStore, b: &LockStore, cid: &str) -> Duration {
-    let held = a.lock_with(cid, patient()).await.expect("first lock");
-    let waiter = {
-        let b = b.clone();
-        let cid = cid.to_owned();
-        tokio::spawn(async move {
-            let result = b.lock_with(&cid, patient()).await;
-            (result, Instant::now())
-        })
-    };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while a
-        .get_lock(cid)
-        .await
-        .expect("get_lock")
-        .is_none_or(|l| l.tickets().len() != 2)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the waiter's ticket never showed up"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    assert!(
-        !waiter.is_finished(),
-        "the waiter got the lock while it was held"
-    );
-    let released = Instant::now();
-    held.release().await.expect("release");
-    let (result, acquired) = tokio::time::timeout(PROMPT * 3, waiter)
-        .await
-        .expect("the waiter was not handed the lock (no pushed wake-up?)")
-        .expect("waiter task");
-    result
-        .expect("the waiter's lock")
-        .release()
-        .await
-        .expect("release by the waiter");
-    acquired.duration_since(released)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_store_finds_the_master_through_the_sentinel() {
     let d = deploy();
@@ -117,7 +73,7 @@ async fn the_store_finds_the_master_through_the_sentinel() {
         },
     );
     guard.release().await.unwrap();
-    let took = pushed_handoff(&a, &b, "s2").await;
+    let took = support::pushed_handoff(&a, &b, "s2").await;
     assert!(took < PROMPT, "hand-off took {took:?}");
 
     // The URL form (db 0 unless the URL names one).
@@ -354,7 +310,7 @@ async fn handoffs_work(stores: &[LockStore; 2]) -> Vec<Duration> {
                 Err(e) => panic!("after the failover: {e:?}"),
             }
         }
-        took.push(pushed_handoff(&stores[0], &stores[1], &cid).await);
+        took.push(support::pushed_handoff(&stores[0], &stores[1], &cid).await);
     }
     assert!(took.iter().all(|t| *t < PROMPT), "{took:?}");
     took

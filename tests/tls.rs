@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use support::{generate_client_cert, generate_tls_certs, RedisServer};
 use ticketlock::{LockError, LockOptions, LockStore, StoreConfig};
 
-const PROMPT: Duration = Duration::from_secs(2);
 /// Slack on top of a configured socket timeout before an error must be back.
 const MARGIN: Duration = Duration::from_millis(1500);
 const SOCKET_TIMEOUT: f64 = 1.0;
@@ -88,49 +87,6 @@ async fn refused(what: &str, config: &StoreConfig) -> LockError {
     e
 }
 
-/// `a` holds `cid`, `b` queues behind it and sleeps; releasing in `a` must
-/// hand the lock to `b` by a push. Returns how long the hand-off took.
-async fn pushed_handoff(a: &LockStore, b: &LockStore, cid: &str) -> Duration {
-    let held = a.lock_with(cid, patient()).await.expect("first lock");
-    let waiter = {
-        let b = b.clone();
-        let cid = cid.to_owned();
-        tokio::spawn(async move {
-            let result = b.lock_with(&cid, patient()).await;
-            (result, Instant::now())
-        })
-    };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while a
-        .get_lock(cid)
-        .await
-        .expect("get_lock")
-        .is_none_or(|l| l.tickets().len() != 2)
-    {
-        assert!(Instant::now() < deadline, "the waiter never queued");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    assert!(
-        !waiter.is_finished(),
-        "the waiter got the lock while it was held"
-    );
-    let released = Instant::now();
-    held.release().await.expect("release");
-    let (result, acquired) = tokio::time::timeout(PROMPT * 3, waiter)
-        .await
-        .expect("the waiter was not handed the lock (no pushed wake-up?)")
-        .expect("waiter task");
-    result
-        .expect("the waiter's lock")
-        .release()
-        .await
-        .expect("release by the waiter");
-    let took = acquired.duration_since(released);
-    assert!(took < PROMPT, "hand-off took {took:?}: not pushed");
-    took
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_right_ca_connects_and_a_contended_handoff_works_over_tls() {
     let server = RedisServer::start_tls();
@@ -150,7 +106,7 @@ async fn the_right_ca_connects_and_a_contended_handoff_works_over_tls() {
         .unwrap();
     let mut took = Vec::new();
     for n in 0..5 {
-        took.push(pushed_handoff(&a, &b, &format!("handoff-{n}")).await);
+        took.push(support::pushed_handoff(&a, &b, &format!("handoff-{n}")).await);
     }
     println!("TLS hand-offs: {took:?}");
     // Contended: 20 tasks over both stores, one conversation, no overlap.
@@ -179,7 +135,7 @@ async fn the_right_ca_connects_and_a_contended_handoff_works_over_tls() {
     let c = LockStore::create(Some(&by_url))
         .await
         .expect("rediss url + CA");
-    pushed_handoff(&c, &a, "url").await;
+    support::pushed_handoff(&c, &a, "url").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -233,7 +189,7 @@ async fn a_server_that_verifies_clients_takes_the_client_certificate() {
     let b = LockStore::create(Some(&combined))
         .await
         .expect("certificate and key in one PEM");
-    let took = pushed_handoff(&a, &b, "mutual").await;
+    let took = support::pushed_handoff(&a, &b, "mutual").await;
     println!("mutual-TLS hand-off: {took:?}");
 
     // A certificate from a CA the server does not trust: refused.
@@ -333,7 +289,7 @@ async fn a_tls_cluster_with_a_private_ca_locks_and_hands_over_on_every_shard() {
     }
     let mut took = Vec::new();
     for id in ids.values() {
-        took.push(pushed_handoff(&a, &b, id).await);
+        took.push(support::pushed_handoff(&a, &b, id).await);
     }
     println!("TLS cluster hand-offs (one per shard): {took:?}");
     // Without the CA: refused, and not retryable.
