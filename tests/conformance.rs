@@ -195,72 +195,31 @@ fn opts(lifetime: Duration) -> LockOptions {
         .with_wait_time(LONG)
 }
 
+/// One module of tests per fixture, each running every case.
+macro_rules! suite {
+    ($module:ident => $fixture:expr; $($case:ident),*) => {
+        mod $module {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case($fixture.await).await
+                }
+            )*
+        }
+    };
+}
+
+/// Every case against every backend and deployment.
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
-        mod in_memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::Fixture::memory().await).await
-                }
-            )*
-        }
-        mod on_redis_eval {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::Fixture::redis(ticketlock::ScriptMode::Eval).await).await
-                }
-            )*
-        }
-        mod on_sentinel {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::Fixture::sentinel().await).await
-                }
-            )*
-        }
-        mod on_redis_acl {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::Fixture::redis_acl(ticketlock::ScriptMode::Auto).await).await
-                }
-            )*
-        }
-        mod on_redis_acl_eval {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::Fixture::redis_acl(ticketlock::ScriptMode::Eval).await).await
-                }
-            )*
-        }
-        mod on_cluster {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::Fixture::cluster(ticketlock::ScriptMode::Auto).await).await
-                }
-            )*
-        }
-        mod on_cluster_eval {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::Fixture::cluster(ticketlock::ScriptMode::Eval).await).await
-                }
-            )*
-        }
-        mod on_redis_functions {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::Fixture::redis(ticketlock::ScriptMode::Functions).await).await
-                }
-            )*
-        }
+        suite!(in_memory => super::Fixture::memory(); $($case),*);
+        suite!(on_redis_eval => super::Fixture::redis(ticketlock::ScriptMode::Eval); $($case),*);
+        suite!(on_redis_functions => super::Fixture::redis(ticketlock::ScriptMode::Functions); $($case),*);
+        suite!(on_redis_acl => super::Fixture::redis_acl(ticketlock::ScriptMode::Auto); $($case),*);
+        suite!(on_redis_acl_eval => super::Fixture::redis_acl(ticketlock::ScriptMode::Eval); $($case),*);
+        suite!(on_sentinel => super::Fixture::sentinel(); $($case),*);
+        suite!(on_cluster => super::Fixture::cluster(ticketlock::ScriptMode::Auto); $($case),*);
+        suite!(on_cluster_eval => super::Fixture::cluster(ticketlock::ScriptMode::Eval); $($case),*);
     };
 }
 
