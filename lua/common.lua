@@ -1,25 +1,31 @@
--- ticketlock: helpers shared by every operation script.
+-- ticketlock v2: helpers shared by every operation script.
 --
 -- An operation is sent to Redis as this file followed by the operation's own
--- file (the crate, `ticketlock scripts show` and scripts/ticketlock.py all
+-- file (the crate, `ticketlock scripts show` and the Python package all
 -- concatenate them the same way), so every rule below exists exactly once.
 --
--- Data model of one conversation; all keys share one hash slot through the
--- hash tag `{<id>}`, where `<id>` is the conversation id with `%`, `{` and `}`
--- percent-encoded (`%25`, `%7B`, `%7D`) and `<prefix>` is `lock:` or
--- `<custom>:lock:`:
---   KEYS[1] meta   HASH  <prefix>{<id>}
---            next       number the next ticket gets (0, 1, 2 ...)
---            epoch      Redis time (us) the record was created
---            served     the ticket granted last (the head when it was granted)
---            served_at  when it was granted (ms, Redis TIME)
---            fence      that grant's fencing token: max(previous + 1, Redis time
---                       in us), so tokens grow over every grant, even across a
---                       deleted or expired record (while Redis's clock does)
---            held       equals served once its owner picked the grant up
---            l<n>       "<lease ms> <liveness ms>" for renewing ticket n
---   KEYS[2] queue  ZSET  <prefix>{<id>}:q  member = ticket number, score = ticket number
---   KEYS[3] expiry ZSET  <prefix>{<id>}:e  member = ticket number, score = expiry (ms, Redis TIME)
+-- Data model: ONE hash per conversation, KEYS[1] = <prefix>{<id>}, where <id>
+-- is the conversation id with `%`, `{` and `}` percent-encoded (`%25`, `%7B`,
+-- `%7D`, so the id is always one Redis Cluster hash tag) and <prefix> is
+-- `lock:` or `<custom>:lock:`. Its fields:
+--   next   "v2": marks the record. A v1 script refuses it (v1 keeps a number
+--          there), and a v2 script refuses any record where it is not "v2".
+--   n      number the next ticket gets (0, 1, 2 ...; at most MAX_TICKET)
+--   e      epoch: Redis time (us) the record was created
+--   h      every ticket numbered below h is gone: the head (the ticket served)
+--          is the lowest live ticket at or above h
+--   s      the ticket granted last, -1 before the first grant
+--   f      that grant's fencing token: max(previous + 1, Redis time in us),
+--          so tokens grow over every grant, even across a deleted or expired
+--          record (while Redis's clock does)
+--   g      when that grant was made (ms) while its owner has not picked it up
+--          yet; 0 once it has
+--   t<k>   ticket k: "<expiry ms> <lease ms> <liveness ms>[ <request>]"
+--          (lease and liveness are 0 for a fixed ticket; <request> is the id
+--          its issue carried, if any)
+--   x      requests cancelled before their issue ran: "<request> <until ms>"
+--          pairs, space-separated (absent when there are none)
+-- A record made only by cancel.lua holds just `next` and `x`.
 --
 -- Two kinds of ticket:
 --   fixed     (issue without liveness; Rasa's issue_ticket) expires `lifetime`
@@ -28,40 +34,53 @@
 --             its waiter last polled, so a live waiter waits as long as it
 --             likes and a dead one stops blocking the queue within `liveness`.
 --             When granted, its owner must pick the grant up (a poll, or the
---             owner's own issue) before the ticket's waiting expiry, and from
---             then its lease runs
---             `lease` ms counted from the grant; the owner may extend it.
---             A wake-up naming the owner's ticket is enough to start work, but
---             the owner must still poll before its waiting ticket would have
---             expired, or the grant lapses.
+--             owner's own issue) before the ticket's waiting expiry; from then
+--             its lease runs `lease` ms counted from the grant, and the owner
+--             may extend it. A wake-up naming the owner's ticket is enough to
+--             start work, but the owner must still poll before its waiting
+--             ticket would have expired, or the grant lapses.
 --
--- The acquire loop every client runs (the Rust crate, scripts/ticketlock.py):
---   1. issue (with liveness); if now_serving == ticket, it holds the lock;
---   2. SUBSCRIBE to the channel and wait for the confirmation, then poll (so
---      a hand-over is either in the poll's answer or pushed afterwards);
+-- The acquire loop every client runs (the Rust crate, the Python package):
+--   1. issue (with liveness and a request id); if now_serving == ticket, it
+--      holds the lock. If the issue's outcome is unknown (timeout, lost
+--      connection), send cancel.lua with the same request id: it gives the
+--      ticket back whichever way the race went;
+--   2. SUBSCRIBE to the channel, then poll (so a hand-over is either in the
+--      poll's answer or pushed afterwards);
 --   3. until served or gone: wait for a wake-up, the served ticket's expiry
 --      (head_remaining_ms / serving_ms), or the next check-in (at most a
 --      third of liveness, and half the ticket's own remaining life), then
 --      poll; a wake-up naming our ticket and epoch means served (pick the
 --      grant up with a poll soon), one naming a lower ticket means keep
---      waiting, anything else means poll now;
---   4. release with mode "cleanup" and the epoch.
+--      waiting, anything else (our ticket or -2 removed, nobody served,
+--      another epoch) means poll now;
+--   4. release with mode "cleanup", the epoch and the grant's fencing token.
 --
 -- Wake-ups are PUBLISHed (SPUBLISHed on Redis Cluster: see PUBLISH below) on
--- the channel named like the meta key, as
+-- the channel named like the key, as
 -- "<epoch> <serving> <fence> <removed> <serving_ms>" (integers, -1 for none):
--- the ticket granted now with its fencing token, a waiting ticket someone
--- removed (so its waiter learns at once that it is gone), and the ms until
--- the served ticket expires (so the waiters behind it can check then, should
--- its owner be dead).
+-- the ticket served now with its fencing token, a waiting ticket someone else
+-- removed (-2: several were), and the ms until the served ticket expires.
+-- They go out when a grant is made, when a ticket is removed by someone other
+-- than its owner (so a waiter learns at once that it is gone, and a holder
+-- that it lost the lock), and when the served ticket's expiry moves earlier
+-- while others wait (so they check then, should its owner be dead).
 --
 -- Invariants every script keeps:
 --   * the ticket served is the lowest live number (strict FIFO);
---   * a ticket is live while Redis time <= its expiry; expired tickets are
---     pruned before anything is decided, so they are never served;
---   * numbers only go up within a record (epoch); a new record gets a new epoch;
+--   * a ticket is live while Redis time <= its expiry; the head is found by
+--     dropping expired tickets from the front, so an expired one is never
+--     served (tickets behind the head expire where they stand and are
+--     dropped when met);
+--   * numbers only go up within a record (epoch); a new record gets a new
+--     epoch; no number above MAX_TICKET is ever issued;
 --   * fencing tokens only go up, one per grant;
---   * every key expires at the latest ticket expiry plus MARGIN_MS.
+--   * the key expires MARGIN_MS after the latest expiry any of its tickets
+--     was given (never earlier; PEXPIREAT ... GT);
+--   * every read happens before the first write: a script that refuses
+--     (foreign data, bad arguments) has changed nothing;
+--   * clock() runs before the first read (the differential tests' manual
+--     clock drops keys whose time is up right there, as Redis would have).
 
 local MARGIN_MS = 1000
 -- The command wake-ups go out with. For Redis Cluster the crate replaces
@@ -69,6 +88,17 @@ local MARGIN_MS = 1000
 -- on the conversation's own shard); nothing else differs.
 local PUBLISH = 'PUBLISH'
 local MAX_LIFETIME_MS = 31536000000 -- 365 days
+-- Lua numbers are doubles: integers are exact up to 2^53. The one bound on
+-- ticket numbers; issue refuses to go past it, save refuses numbers above it.
+local MAX_TICKET = 9007199254740991
+-- Tickets read per HMGET while looking for the head.
+local SCAN = 16
+
+-- An integer as Redis and other clients expect it: Lua's own number-to-string
+-- (%.14g) would write large ones in exponent notation.
+local function int(x)
+  return string.format('%d', x)
+end
 
 local function clock()
   local t = redis.call('TIME')
@@ -76,140 +106,273 @@ local function clock()
   return s * 1000 + math.floor(us / 1000), s * 1000000 + us
 end
 
--- Refuse foreign data before the first write: Redis does not roll a script
--- back when a later command fails. Every script reads the meta hash here and
--- reads the queue (head) and the expiry set (prune) before it writes, so a key
--- of the wrong type fails on that read (WRONGTYPE) while nothing has changed;
--- the meta fields must hold numbers.
-local function check_fields(meta)
-  local fields = { 'next', 'epoch', 'served', 'served_at', 'fence', 'held' }
-  local values = redis.call('HMGET', meta, unpack(fields))
-  for i, name in ipairs(fields) do
-    if values[i] and not tonumber(values[i]) then
-      error({ err = 'WRONGTYPE ticketlock: field ' .. name .. ' of key ' .. meta .. ' holds a non-number' })
-    end
-  end
-end
-
--- The full check, for the scripts that write a key before reading it (save, delete).
-local function check_types(meta, queue, expiry)
-  local wanted = { [meta] = 'hash', [queue] = 'zset', [expiry] = 'zset' }
-  for key, want in pairs(wanted) do
-    local got = redis.call('TYPE', key)['ok']
-    if got ~= 'none' and got ~= want then
-      error({ err = 'WRONGTYPE ticketlock: key ' .. key .. ' holds a ' .. got .. ', expected a ' .. want })
-    end
-  end
-  check_fields(meta)
+local function refuse(key, what)
+  error({ err = 'WRONGTYPE ticketlock: key ' .. key .. ' ' .. what })
 end
 
 local function integer_arg(value, name, min, max)
   local n = tonumber(value)
   if n == nil or n ~= math.floor(n) or n < min or n > max then
-    error({ err = 'ERR ticketlock: ' .. name .. ' must be an integer in ' .. min .. '..' .. max .. ', got ' .. tostring(value) })
+    error({ err = 'ERR ticketlock: ' .. name .. ' must be an integer in ' .. int(min) .. '..' .. int(max) .. ', got ' .. tostring(value) })
   end
   return n
 end
 
-local function head(queue)
-  local first = redis.call('ZRANGE', queue, 0, 0)[1]
-  if not first then return -1 end
-  local number = tonumber(first)
-  if not number then
-    error({ err = 'WRONGTYPE ticketlock: key ' .. queue .. ' holds a member that is not a ticket number' })
+-- A client-chosen request id: 1-64 letters, digits, '-' or '_'; "" for none.
+local function request_arg(value)
+  if value == nil or value == '' then return '' end
+  if #value > 64 or not string.match(value, '^[%w_%-]+$') then
+    error({ err = 'ERR ticketlock: request id must be 1-64 letters, digits, - or _, got ' .. tostring(value) })
   end
-  return number
+  return value
 end
 
--- ms until the ticket expires, or -1 when it is not live.
-local function remaining(expiry, number, now)
-  local at = redis.call('ZSCORE', expiry, number)
-  if not at then return -1 end
-  at = tonumber(at)
-  if at < now then return -1 end
-  return at - now
-end
-
-local function remove(meta, queue, expiry, numbers)
-  -- unpack() is bounded by Lua's C stack, so remove in slices.
-  for i = 1, #numbers, 1000 do
-    local slice = { unpack(numbers, i, math.min(i + 999, #numbers)) }
-    redis.call('ZREM', queue, unpack(slice))
-    redis.call('ZREM', expiry, unpack(slice))
-    for j = 1, #slice do slice[j] = 'l' .. slice[j] end
-    redis.call('HDEL', meta, unpack(slice))
+-- The record, read in one HMGET with any ticket fields the script names in
+-- `extra` (returned in m.extra, in order). Refuses foreign data before
+-- anything is written: a key of another type fails here (WRONGTYPE), and so
+-- does a hash that is not a v2 record or holds a non-number where a number
+-- belongs. m.exists is false when there is no record (no key, or a key made
+-- only by cancel.lua).
+local function load(key, extra)
+  local v = redis.call('HMGET', key, 'next', 'n', 'e', 'h', 's', 'f', 'g', 'x', unpack(extra or {}))
+  if v[1] and v[1] ~= 'v2' then
+    refuse(key, 'holds data of another ticketlock version or another program (field next = ' .. tostring(v[1]) .. '); stop the clients that wrote it, or delete the key')
   end
-end
-
--- Drop every expired ticket; O(log n + expired).
-local function prune(meta, queue, expiry, now)
-  local dead = redis.call('ZRANGEBYSCORE', expiry, '-inf', '(' .. now)
-  remove(meta, queue, expiry, dead)
-  return #dead
-end
-
--- "<lease ms> <liveness ms>" of a renewing ticket, or nil for a fixed one.
-local function terms(meta, number)
-  local t = redis.call('HGET', meta, 'l' .. number)
-  if not t then return nil end
-  local lease, liveness = string.match(t, '^(%d+) (%d+)$')
-  return tonumber(lease), tonumber(liveness)
-end
-
--- The head becomes the holder: a new fencing token. A renewing head keeps
--- the expiry its last check-in gave it: a live owner (checking in every third
--- of `liveness`) has time to pick the grant up, and a dead one stops blocking
--- the queue `liveness` after its last check-in, not after the grant.
-local function grant(meta, h, now, now_us)
-  if h == -1 or tonumber(redis.call('HGET', meta, 'served')) == h then return end
-  local fence = tonumber(redis.call('HGET', meta, 'fence')) or 0
-  if now_us > fence then fence = now_us else fence = fence + 1 end
-  redis.call('HSET', meta, 'served', h, 'served_at', now, 'fence', fence)
-  redis.call('HDEL', meta, 'held')
-end
-
--- The owner of the served ticket has it: the lease runs from the grant.
-local function confirm(meta, expiry, ticket)
-  if tonumber(redis.call('HGET', meta, 'held')) == ticket then return end
-  local lease = terms(meta, ticket)
-  if lease then
-    redis.call('ZADD', expiry, tonumber(redis.call('HGET', meta, 'served_at')) + lease, ticket)
+  local m = { key = key, present = v[1] ~= false, x = v[8] or nil, extra = {} }
+  local names = { 'n', 'e', 'h', 's', 'f', 'g' }
+  for i, name in ipairs(names) do
+    local raw = v[i + 1]
+    if raw then
+      local number = tonumber(raw)
+      if not number or number ~= math.floor(number) then
+        refuse(key, 'field ' .. name .. ' holds ' .. tostring(raw) .. ', not an integer')
+      end
+      m[name] = number
+    end
   end
-  redis.call('HSET', meta, 'held', ticket)
-end
-
--- Bound every key's life by the latest live expiry: a crashed worker leaves
--- nothing behind. With no ticket left the meta key keeps its current TTL, which
--- already ends at most MARGIN_MS after the last ticket's expiry.
-local function touch(meta, queue, expiry)
-  local last = redis.call('ZRANGE', expiry, -1, -1, 'WITHSCORES')
-  if last[2] then
-    local at = tonumber(last[2]) + MARGIN_MS
-    redis.call('PEXPIREAT', meta, at)
-    redis.call('PEXPIREAT', queue, at)
-    redis.call('PEXPIREAT', expiry, at)
+  m.exists = m.e ~= nil
+  if m.exists and not (m.n and m.h and m.s and m.f and m.g) then
+    refuse(key, 'is a record without its fields n, h, s, f and g')
   end
+  for i = 1, #(extra or {}) do m.extra[i] = v[8 + i] end
+  return m
 end
 
--- Tell the waiters who is served now, so the new head's waiter need not ask.
--- `quiet` is the ticket whose caller learns the head from this reply anyway;
--- `removed` a waiting ticket taken out by someone, whose waiter must be told.
-local function announce(meta, expiry, epoch, before, after, now, quiet, removed)
-  if removed or (after ~= before and after ~= quiet) then
-    local fence = -1
-    if after ~= -1 then fence = redis.call('HGET', meta, 'fence') end
-    local left = remaining(expiry, after, now)
-    redis.call(PUBLISH, meta, epoch .. ' ' .. after .. ' ' .. fence .. ' ' .. (removed or -1) .. ' ' .. left)
+-- When ticket `t` ends: its stored expiry; but a grant not picked up yet
+-- ends at its waiting expiry or when its lease would end (counted from the
+-- grant), whichever comes first. Waiters are told that time, and picking the
+-- grant up never moves it earlier.
+local function effective(m, t)
+  t.at = t.stored
+  if t.number == m.s and m.g ~= 0 and t.lease > 0 then t.at = math.min(t.stored, m.g + t.lease) end
+  return t
+end
+
+-- Ticket `number`'s field value parsed, or nil when it has none.
+local function parse(m, number, value)
+  if not value then return nil end
+  local at, lease, liveness, request = string.match(value, '^(%d+) (%d+) (%d+) ?([%w_%-]*)$')
+  if not at then
+    refuse(m.key, 'holds ticket ' .. int(number) .. ' as ' .. tostring(value) .. ', not "<expiry> <lease> <liveness>[ <request>]"')
+  end
+  local t = { number = number, stored = tonumber(at), lease = tonumber(lease), liveness = tonumber(liveness), request = request }
+  return effective(m, t)
+end
+
+local function format(t)
+  local text = int(t.at) .. ' ' .. int(t.lease) .. ' ' .. int(t.liveness)
+  if t.request ~= '' then text = text .. ' ' .. t.request end
+  return text
+end
+
+-- Writes are collected while deciding and sent at the end: one HDEL, then
+-- one HSET (so a field deleted and set again ends up set).
+local function writes()
+  return { set = {}, del = {} }
+end
+
+local function set(w, field, value)
+  w.set[#w.set + 1] = field
+  w.set[#w.set + 1] = value
+end
+
+local function commit(key, w)
+  -- unpack() is bounded by Lua's C stack, so send long lists in slices.
+  for i = 1, #w.del, 1000 do
+    redis.call('HDEL', key, unpack(w.del, i, math.min(i + 999, #w.del)))
+  end
+  for i = 1, #w.set, 1000 do
+    redis.call('HSET', key, unpack(w.set, i, math.min(i + 999, #w.set)))
   end
 end
 
--- The end of every change: grant the head, bound the keys' lives, tell the
--- waiters. Grant before touch (a grant moves an expiry) and before announce
--- (the announcement carries the grant's token). Returns the head.
-local function settle(meta, queue, expiry, epoch, before, now, now_us, quiet, removed)
-  local after = head(queue)
-  grant(meta, after, now, now_us)
-  touch(meta, queue, expiry)
-  announce(meta, expiry, epoch, before, after, now, quiet, removed)
-  return after
+-- The key lives until MARGIN_MS after `at` at least; never shortened, since
+-- another ticket may live longer. A key made by this script has no TTL yet
+-- (GT would treat it as infinite), so it gets one outright.
+local function expire_at(key, at, made)
+  if made then
+    redis.call('PEXPIREAT', key, at + MARGIN_MS)
+  else
+    redis.call('PEXPIREAT', key, at + MARGIN_MS, 'GT')
+  end
+end
+
+-- The lowest live ticket at or above m.h and below m.n, skipping `leaving`
+-- (a ticket this script removes). Expired tickets met on the way are added
+-- to `dead`. `known` maps numbers to field values already read (false: no
+-- field). Returns the number (-1 for none) and the parsed ticket.
+local function scan(m, now, leaving, dead, known)
+  local k = m.h
+  while k < m.n do
+    local last = math.min(k + SCAN - 1, m.n - 1)
+    local values
+    if known and known[k] ~= nil then
+      values, last = { known[k] }, k
+    else
+      local names = {}
+      for i = k, last do names[#names + 1] = 't' .. int(i) end
+      values = redis.call('HMGET', m.key, unpack(names))
+    end
+    for i = 1, last - k + 1 do
+      local number = k + i - 1
+      if number ~= leaving and values[i] then
+        local t = parse(m, number, values[i])
+        if t.at >= now then return number, t end
+        dead[#dead + 1] = number
+      end
+    end
+    k = last + 1
+  end
+  return -1, nil
+end
+
+local function next_fence(previous, now_us)
+  if previous and now_us <= previous then return previous + 1 end
+  return now_us
+end
+
+-- The head becomes the holder, if it is not already: a new fencing token,
+-- granted now, not yet picked up. The record's cursor moves to the head (or
+-- past the last number when the queue is empty). Updates m; queues the writes.
+-- Returns true when a new grant was made.
+local function grant(m, w, head, now, now_us)
+  if head == -1 then
+    if m.h ~= m.n then
+      m.h = m.n
+      set(w, 'h', m.n)
+    end
+    return false
+  end
+  if head ~= m.h then
+    m.h = head
+    set(w, 'h', head)
+  end
+  if head == m.s then return false end
+  m.s, m.f, m.g = head, next_fence(m.f, now_us), now
+  set(w, 's', head)
+  set(w, 'f', m.f)
+  set(w, 'g', now)
+  return true
+end
+
+-- Finds the head, dropping expired tickets (and `leaving`) on the way, and
+-- grants it. Returns the head (-1 for none), its ticket, and whether a new
+-- grant was made.
+local function settle(m, w, now, now_us, leaving, known)
+  local dead = {}
+  local head, ticket = scan(m, now, leaving, dead, known)
+  for _, d in ipairs(dead) do w.del[#w.del + 1] = 't' .. int(d) end
+  local granted = grant(m, w, head, now, now_us)
+  -- A new grant ends when its lease from now would, if that comes first.
+  if granted then effective(m, ticket) end
+  return head, ticket, granted
+end
+
+local function announce(m, serving, removed, left)
+  local fence = -1
+  if serving ~= -1 then fence = m.f end
+  redis.call(PUBLISH, m.key, int(m.e) .. ' ' .. int(serving) .. ' ' .. int(fence) .. ' ' .. int(removed) .. ' ' .. int(left))
+end
+
+-- The owner of the served ticket `number` has it: a renewing ticket's lease
+-- now runs from the grant. Its expiry only moves later: before the pick-up,
+-- parse already ended it at the latest when the lease from the grant would.
+-- Returns the ticket's expiry.
+local function confirm(m, w, number, ticket)
+  if m.g == 0 then return ticket.at end
+  local granted_at = m.g
+  m.g = 0
+  set(w, 'g', 0)
+  if ticket.lease > 0 then
+    ticket.at = granted_at + ticket.lease
+    set(w, 't' .. int(number), format(ticket))
+    if ticket.at > ticket.stored then w.expiry = ticket.at end
+  end
+  return ticket.at
+end
+
+-- Requests remembered in x, less `request` and the expired ones. Returns the
+-- new value ('' for none) and whether `request` was there.
+local function forget_request(x, request, now)
+  local kept, found = {}, false
+  for id, untilms in string.gmatch(x or '', '(%S+) (%d+)') do
+    if id == request then
+      found = true
+    elseif tonumber(untilms) >= now then
+      kept[#kept + 1] = id .. ' ' .. untilms
+    end
+  end
+  return table.concat(kept, ' '), found
+end
+
+-- Deletes the record; cancelled requests not yet met stay remembered (a late
+-- issue must still find them), in a key made anew.
+local function drop(m, now)
+  redis.call('DEL', m.key)
+  local x = forget_request(m.x, '', now)
+  if x ~= '' then
+    local last = 0
+    for untilms in string.gmatch(x, '%S+ (%d+)') do last = math.max(last, tonumber(untilms)) end
+    redis.call('HSET', m.key, 'next', 'v2', 'x', x)
+    expire_at(m.key, last, true)
+  end
+end
+
+-- Removes ticket `number` (whose field value is `value`, already read) and
+-- hands the lock on: the body of release.lua and cancel.lua.
+--   mode   "finish" keeps the record; "cleanup" deletes it when no live
+--          ticket is left
+--   owner  true when the caller owns the ticket (it issued or holds it), so
+--          nobody needs telling that it left; false for an admin removal,
+--          whose ticket's owner (a waiter, or the holder) is told at once
+--   known  field values already read (see scan)
+-- Returns { removed, now_serving }: removed is 1 if the ticket was live and
+-- is gone now, 0 if it was not there or had already expired (a holder whose
+-- lease had lapsed learns so).
+local function leave(m, number, value, mode, owner, now, now_us, known)
+  local ticket = parse(m, number, value)
+  local removed = 0
+  if ticket and ticket.at >= now then removed = 1 end
+  local was_served = ticket ~= nil and number == m.s
+  local w = writes()
+  if ticket then w.del[#w.del + 1] = 't' .. int(number) end
+  -- Find the next head before writing anything (it may refuse foreign data).
+  local before = m.s
+  local leaving = nil
+  if ticket then leaving = number end
+  local head, next_ticket, granted = settle(m, w, now, now_us, leaving, known)
+  if head == -1 and mode == 'cleanup' then
+    drop(m, now)
+    if was_served and not owner then announce(m, -1, -1, -1) end
+    return { removed, -1 }
+  end
+  commit(m.key, w)
+  local waiter = -1
+  if ticket and number ~= before and not owner then waiter = number end
+  if granted or waiter ~= -1 or (head == -1 and was_served and not owner) then
+    local left = -1
+    if next_ticket then left = next_ticket.at - now end
+    announce(m, head, waiter, left)
+  end
+  return { removed, head }
 end

@@ -1,46 +1,56 @@
 -- ticketlock read: a read-only snapshot of one conversation's queue.
 -- Serves get_lock and is_someone_waiting. (Rust: Backend::read; in memory: State::read.)
 --
--- KEYS[1] meta, KEYS[2] queue, KEYS[3] expiry   (see common.lua)
+-- KEYS[1] the conversation's key   (see common.lua)
 -- ARGV[1] how many tickets to list, from the head; -1 for all
 --
--- Reply: { exists, next, epoch, live, number_1, remaining_ms_1, number_2, remaining_ms_2, ... }
+-- Reply: { exists, next, epoch, live, number_1, remaining_ms_1, lease_ms_1, liveness_ms_1, ... }
 --   exists        1 if the conversation has a record, else 0 (and nothing follows)
 --   next          number the next ticket will get
 --   epoch         the record's epoch
---   live          how many live tickets the queue holds
---   then up to ARGV[1] live tickets in serving order, each as its number and
---   the ms until it expires; expired tickets are left out, not removed
+--   live          how many live tickets the queue holds; with ARGV[1] = 0 only
+--                 whether there is one (0 or 1), which stays cheap on deep queues
+--   then up to ARGV[1] live tickets in serving order, each as its number, the
+--   ms until it expires, and its terms: lease and liveness in ms for a
+--   renewing ticket, 0 and 0 for a fixed one (save.lua takes them back as they
+--   are); expired tickets are left out, not removed
 --
 -- Writes nothing, so it may run on a replica (EVAL_RO / FCALL_RO).
 
-local meta, queue, expiry = KEYS[1], KEYS[2], KEYS[3]
-local limit = integer_arg(ARGV[1], 'limit', -1, 9007199254740991)
-check_fields(meta)
+local key = KEYS[1]
+local limit = integer_arg(ARGV[1], 'limit', -1, MAX_TICKET)
 local now = clock()
+local m = load(key)
+if not m.exists then return { 0 } end
+local reply = { 1, m.n, m.e, 0 }
 
-local fields = redis.call('HMGET', meta, 'next', 'epoch')
-if not fields[2] then return { 0 } end
-local live = redis.call('ZCOUNT', expiry, now, '+inf')
-local reply = { 1, tonumber(fields[1]), tonumber(fields[2]), live }
-if limit == 0 or live == 0 then return reply end
+if limit == 0 then
+  local head = scan(m, now, nil, {}, nil)
+  if head ~= -1 then reply[4] = 1 end
+  return reply
+end
 
-local listed, start, batch = 0, 0, 256
-while limit < 0 or listed < limit do
-  local numbers = redis.call('ZRANGE', queue, start, start + batch - 1)
-  if #numbers == 0 then break end
-  for _, number in ipairs(numbers) do
-    if not tonumber(number) then
-      error({ err = 'WRONGTYPE ticketlock: key ' .. queue .. ' holds a member that is not a ticket number' })
-    end
-    local left = remaining(expiry, number, now)
-    if left >= 0 then
-      reply[#reply + 1] = tonumber(number)
-      reply[#reply + 1] = left
-      listed = listed + 1
-      if listed == limit then break end
+local live = {}
+local all = redis.call('HGETALL', key)
+for i = 1, #all, 2 do
+  local number = string.match(all[i], '^t(%d+)$')
+  if number then
+    number = tonumber(number)
+    local t = parse(m, number, all[i + 1])
+    if t.at >= now then
+      t.number = number
+      live[#live + 1] = t
     end
   end
-  start = start + batch
+end
+table.sort(live, function(a, b) return a.number < b.number end)
+reply[4] = #live
+for i = 1, #live do
+  if limit >= 0 and i > limit then break end
+  local t = live[i]
+  reply[#reply + 1] = t.number
+  reply[#reply + 1] = t.at - now
+  reply[#reply + 1] = t.lease
+  reply[#reply + 1] = t.liveness
 end
 return reply

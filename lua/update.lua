@@ -1,7 +1,7 @@
--- ticketlock update: prune expired tickets and hand the lock on if the served one expired.
+-- ticketlock update: drop every expired ticket and hand the lock on if the served one expired.
 -- Serves update_lock. (Rust: Backend::update; in memory: State::update.)
 --
--- KEYS[1] meta, KEYS[2] queue, KEYS[3] expiry   (see common.lua)
+-- KEYS[1] the conversation's key   (see common.lua)
 -- (no ARGV)
 --
 -- Reply: { pruned, now_serving }
@@ -11,11 +11,28 @@
 -- Keeps: the record (and its counter) stays even when the queue empties, as
 -- after finish; only cleanup and delete remove it.
 
-local meta, queue, expiry = KEYS[1], KEYS[2], KEYS[3]
-check_fields(meta)
+local key = KEYS[1]
 local now, now_us = clock()
-local epoch = redis.call('HGET', meta, 'epoch')
-if not epoch then return { 0, -1 } end
-local before = head(queue)
-local pruned = prune(meta, queue, expiry, now)
-return { pruned, settle(meta, queue, expiry, epoch, before, now, now_us, nil, nil) }
+local m = load(key)
+if not m.exists then return { 0, -1 } end
+
+-- Every ticket is read before anything is written.
+local w = writes()
+local head, ticket = -1, nil
+local all = redis.call('HGETALL', key)
+for i = 1, #all, 2 do
+  local number = string.match(all[i], '^t(%d+)$')
+  if number then
+    number = tonumber(number)
+    local t = parse(m, number, all[i + 1])
+    if t.at < now then
+      w.del[#w.del + 1] = all[i]
+    elseif head == -1 or number < head then
+      head, ticket = number, t
+    end
+  end
+end
+local granted = grant(m, w, head, now, now_us)
+commit(key, w)
+if granted then announce(m, head, -1, effective(m, ticket).at - now) end
+return { #w.del, head }
