@@ -1,5 +1,5 @@
 //! A Rust contender for the cross-language tests (tests/cross_language.rs),
-//! the twin of `python3 scripts/ticketlock.py contend`.
+//! the twin of `python -m ticketlock contend` (the Python package in `python/`).
 //!
 //! ```sh
 //! cargo run --example contend -- --redis redis://127.0.0.1:6379 --prefix P \
@@ -113,14 +113,17 @@ async fn contend(
         .with_lifetime(Duration::from_secs_f64(args.lifetime_s))
         .with_wait_time(Duration::from_secs_f64(args.wait_time_s))
         .with_dead_waiter_timeout(Duration::from_secs_f64(args.dead_waiter_timeout_s));
-    let meta = meta_key(args.prefix.as_deref(), &args.conversation);
     let mut waits = Vec::with_capacity(usize::try_from(args.count)?);
     for _ in 0..args.count {
         let asked = Instant::now();
         let guard = store.lock_with(&args.conversation, options).await?;
         waits.push(asked.elapsed());
         // The record cannot go while we hold a live ticket in it.
-        let epoch: u64 = conn.hget(&meta, "epoch").await?;
+        let epoch = store
+            .inspect(&args.conversation)
+            .await?
+            .record
+            .map_or(0, |r| r.epoch);
         let value: Option<u64> = conn.get(&args.counter_key).await?;
         if args.hold_ms > 0 {
             tokio::time::sleep(Duration::from_millis(args.hold_ms)).await;
@@ -135,20 +138,4 @@ async fn contend(
         guard.release().await?;
     }
     Ok(waits)
-}
-
-/// The meta key (and wake-up channel) of a conversation, as lua/common.lua
-/// lays it out: `<prefix>{<id>}` with `%`, `{`, `}` percent-encoded.
-fn meta_key(prefix: Option<&str>, conversation_id: &str) -> String {
-    let prefix = prefix.map_or("lock:".to_owned(), |p| format!("{p}:lock:"));
-    let mut id = String::new();
-    for c in conversation_id.chars() {
-        match c {
-            '%' => id.push_str("%25"),
-            '{' => id.push_str("%7B"),
-            '}' => id.push_str("%7D"),
-            c => id.push(c),
-        }
-    }
-    format!("{prefix}{{{id}}}")
 }

@@ -271,20 +271,14 @@ async fn worker(args: WorkerArgs) -> Result<(), Failure> {
     config.key_prefix = Some(args.prefix.clone());
     config.socket_timeout = Some(SOCKET_TIMEOUT.as_secs_f64());
     let store = LockStore::create(Some(&config)).await?;
-    let locks = connection(&args.redis).await?;
     let probe = connection(&args.probe).await?;
     let tally = Arc::new(Tally::default());
     let args = Arc::new(args);
     let tasks: Vec<_> = (0..args.tasks)
         .map(|task| {
-            let (store, locks, probe, tally, args) = (
-                store.clone(),
-                locks.clone(),
-                probe.clone(),
-                tally.clone(),
-                args.clone(),
-            );
-            tokio::spawn(async move { work(task, store, locks, probe, tally, args).await })
+            let (store, probe, tally, args) =
+                (store.clone(), probe.clone(), tally.clone(), args.clone());
+            tokio::spawn(async move { work(task, store, probe, tally, args).await })
         })
         .collect();
     for task in tasks {
@@ -307,7 +301,6 @@ async fn worker(args: WorkerArgs) -> Result<(), Failure> {
 async fn work(
     task: usize,
     store: LockStore,
-    mut locks: ConnectionManager,
     mut probe: ConnectionManager,
     tally: Arc<Tally>,
     args: Arc<WorkerArgs>,
@@ -343,16 +336,15 @@ async fn work(
         let (ticket, fence) = (guard.ticket(), guard.fencing_token());
         // The record's epoch cannot change while we hold a live ticket in it
         // (only a delete or a lost data set could, and then we lost the lease).
-        let meta = format!("{}:lock:{{{cid}}}", args.prefix);
-        // The first command after a restart of the lock server fails (the
+        // The first call after a restart of the lock server may fail (the
         // connection manager reconnects then): one more try.
-        let mut epoch: redis::RedisResult<Option<u64>> = locks.hget(&meta, "epoch").await;
-        if epoch.is_err() {
-            epoch = locks.hget(&meta, "epoch").await;
+        let mut inspected = store.inspect(&cid).await;
+        if inspected.is_err() {
+            inspected = store.inspect(&cid).await;
         }
         // No epoch: the record is gone (our lease with it) or unreadable;
         // either way this section is not vouched for.
-        let epoch = epoch.ok().flatten();
+        let epoch = inspected.ok().and_then(|i| i.record).map(|r| r.epoch);
         let entry = format!("{} {ticket} {fence} {}", epoch.unwrap_or(0), args.id);
         let now = unix_ms();
         let entered: redis::RedisResult<String> = enter
@@ -867,8 +859,11 @@ async fn drive(
     let pattern = format!("{PREFIX}:lock:*");
     let keys_at_stop = retried(&mut locks, |c| scan_count(c, pattern.clone())).await?;
     // Every key expires at most 1 s after its last ticket; a ticket lives at
-    // most the lease (held) or the dead-waiter timeout (waiting).
-    let settle = Duration::from_millis(args.lease_ms.max(args.dead_waiter_ms) + 1000 + 500);
+    // most the lease (held) or the dead-waiter timeout (waiting). A request
+    // cancelled after an outage (its issue's answer lost) is remembered for
+    // three socket timeouts.
+    let settle = Duration::from_millis(args.lease_ms.max(args.dead_waiter_ms) + 1000 + 500)
+        .max(SOCKET_TIMEOUT * 3 + Duration::from_millis(1500));
     tokio::time::sleep_until(all_stopped + settle).await;
     let keys_left = retried(&mut locks, |c| scan_count(c, pattern.clone())).await?;
     // The same connections as at the baseline (the store's reconnects on use).

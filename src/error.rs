@@ -12,14 +12,17 @@ use std::time::Duration;
 pub enum LockError {
     /// The lock was not acquired within the configured timeout; the ticket was given back.
     #[error(
-        "timed out after {waited:?} waiting for conversation {} (ticket {ticket})",
-        shown(conversation_id)
+        "timed out after {waited:?} waiting for conversation {} ({})",
+        shown(conversation_id),
+        ticket.map_or("before the store issued a ticket".to_owned(), |t| format!("ticket {t}"))
     )]
     Timeout {
         /// The conversation waited for.
         conversation_id: String,
         /// The ticket that waited; it has been removed from the queue.
-        ticket: u64,
+        /// `None` when the store did not even answer the issue in time (the
+        /// ticket it may take later is given back all the same).
+        ticket: Option<u64>,
         /// How long the caller waited.
         waited: Duration,
     },

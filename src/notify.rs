@@ -17,16 +17,25 @@ use tokio::sync::broadcast;
 /// lagged and asks the store directly.
 const CAPACITY: usize = 64;
 
+/// Waiting tickets someone other than their owner took out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Removed {
+    None,
+    Ticket(u64),
+    /// Several were (`save_lock`): every waiter should ask.
+    Several,
+}
+
 /// What a wake-up says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Notice {
-    /// In record `epoch`, `serving` is granted now with fencing token `fence`
-    /// (`None`: nobody is), and `removed`, a waiting ticket, was taken out.
+    /// In record `epoch`, `serving` is served now with fencing token `fence`
+    /// (`None`: nobody is), and `removed` waiting tickets were taken out.
     Changed {
         epoch: u64,
         serving: Option<u64>,
         fence: Option<u64>,
-        removed: Option<u64>,
+        removed: Removed,
         /// Until the served ticket expires, unless renewed.
         serving_left: Option<Duration>,
     },
@@ -36,19 +45,25 @@ pub(crate) enum Notice {
 
 impl Notice {
     /// Decodes a Redis pub/sub payload:
-    /// `"<epoch> <serving> <fence> <removed> <serving_ms>"`, -1 for none
-    /// (lua/common.lua `announce`).
+    /// `"<epoch> <serving> <fence> <removed> <serving_ms>"`, -1 for none and
+    /// removed -2 for several (lua/common.lua `announce`).
     pub(crate) fn parse(payload: &[u8]) -> Notice {
         let text = std::str::from_utf8(payload).unwrap_or("");
         let fields: Option<Vec<i64>> = text.split(' ').map(|f| f.parse().ok()).collect();
         match fields.as_deref() {
-            Some(&[epoch, serving, fence, removed, left]) if epoch >= 0 => Notice::Changed {
-                epoch: epoch as u64,
-                serving: u64::try_from(serving).ok(),
-                fence: u64::try_from(fence).ok(),
-                removed: u64::try_from(removed).ok(),
-                serving_left: u64::try_from(left).ok().map(Duration::from_millis),
-            },
+            Some(&[epoch, serving, fence, removed, left]) if epoch >= 0 && removed >= -2 => {
+                Notice::Changed {
+                    epoch: epoch as u64,
+                    serving: u64::try_from(serving).ok(),
+                    fence: u64::try_from(fence).ok(),
+                    removed: match removed {
+                        -1 => Removed::None,
+                        -2 => Removed::Several,
+                        n => Removed::Ticket(n as u64),
+                    },
+                    serving_left: u64::try_from(left).ok().map(Duration::from_millis),
+                }
+            }
             _ => Notice::Recheck,
         }
     }
@@ -144,11 +159,11 @@ mod tests {
 
     #[test]
     fn payloads_decode_to_notices() {
-        let changed = |serving, fence, removed, left: Option<u64>| Notice::Changed {
+        let changed = |serving, fence, removed: Option<u64>, left: Option<u64>| Notice::Changed {
             epoch: 17,
             serving,
             fence,
-            removed,
+            removed: removed.map_or(Removed::None, Removed::Ticket),
             serving_left: left.map(Duration::from_millis),
         };
         assert_eq!(
@@ -163,7 +178,18 @@ mod tests {
             Notice::parse(b"17 4 99 9 7"),
             changed(Some(4), Some(99), Some(9), Some(7))
         );
+        assert_eq!(
+            Notice::parse(b"17 4 99 -2 7"),
+            Notice::Changed {
+                epoch: 17,
+                serving: Some(4),
+                fence: Some(99),
+                removed: Removed::Several,
+                serving_left: Some(Duration::from_millis(7)),
+            }
+        );
         for bad in [
+            &b"17 4 9 -3 1"[..],
             &b"17 4"[..],
             b"17 4 9 1",
             b"17 4 9 1 1 1",

@@ -55,8 +55,11 @@ impl LockOptions {
     }
 
     /// Give up after this long, give the ticket back and return
-    /// [`LockError::Timeout`]. Default: wait as long as the queue moves; a
-    /// live waiter's ticket does not expire.
+    /// [`LockError::Timeout`], also while the store does not answer.
+    /// `Duration::ZERO` tries once: the lock is taken only if it is free
+    /// (the store's answer is awaited, for at most the socket timeout).
+    /// Default: wait as long as the queue moves; a live waiter's ticket does
+    /// not expire.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
@@ -101,6 +104,20 @@ impl LockOptions {
     /// Whether the lease is renewed while the guard lives.
     pub fn auto_renew(&self) -> bool {
         self.auto_renew
+    }
+
+    /// Checks the options the way [`lock_with`](crate::LockStore::lock_with)
+    /// will (an unset lifetime counts as [`DEFAULT_LIFETIME`]): every
+    /// duration greater than zero and at most [`MAX_LIFETIME`](crate::MAX_LIFETIME).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use ticketlock::LockOptions;
+    /// assert!(LockOptions::default().with_lifetime(Duration::from_secs(30)).check().is_ok());
+    /// assert!(LockOptions::default().with_lifetime(Duration::ZERO).check().is_err());
+    /// ```
+    pub fn check(&self) -> Result<(), LockError> {
+        self.resolve(DEFAULT_LIFETIME).map(drop)
     }
 
     pub(crate) fn resolve(&self, default_lifetime: Duration) -> Result<Resolved, LockError> {

@@ -28,10 +28,10 @@ const COMMON: &str = include_str!("../lua/common.lua");
 
 /// Name of the Functions library; the version changes whenever a script's
 /// contract does, so two versions of the crate can share one Redis.
-pub const LIBRARY_NAME: &str = "ticketlock_v1";
+pub const LIBRARY_NAME: &str = "ticketlock_v2";
 
 /// Name of the Functions library of the sharded variant (Redis Cluster).
-pub(crate) const SHARDED_LIBRARY_NAME: &str = "ticketlock_v1s";
+pub(crate) const SHARDED_LIBRARY_NAME: &str = "ticketlock_v2s";
 
 /// The one line of `lua/common.lua` that differs between the variants.
 const PUBLISH_LINE: &str = "local PUBLISH = 'PUBLISH'";
@@ -218,6 +218,24 @@ pub(crate) async fn load_library(
         .await
 }
 
+/// Calls the read-only script's function with `FCALL_RO` (`read_only`) or
+/// `FCALL`, as a store in Functions mode would: whether the server runs
+/// what Functions mode sends (see `Conn::functions_usable`).
+pub(crate) async fn probe(
+    conn: &mut (impl ConnectionLike + Send),
+    channels: Channels,
+    read_only: bool,
+    keys: &[String],
+) -> RedisResult<Value> {
+    redis::cmd(if read_only { "FCALL_RO" } else { "FCALL" })
+        .arg(READ.function_name_for(channels))
+        .arg(keys.len())
+        .arg(keys)
+        .arg(0)
+        .query_async(conn)
+        .await
+}
+
 pub(crate) static ISSUE: Script = lua!("issue", false);
 pub(crate) static POLL: Script = lua!("poll", false);
 pub(crate) static RELEASE: Script = lua!("release", false);
@@ -226,9 +244,11 @@ pub(crate) static SAVE: Script = lua!("save", false);
 pub(crate) static DELETE: Script = lua!("delete", false);
 pub(crate) static UPDATE: Script = lua!("update", false);
 pub(crate) static EXTEND: Script = lua!("extend", false);
+pub(crate) static CANCEL: Script = lua!("cancel", false);
+pub(crate) static INSPECT: Script = lua!("inspect", true);
 
-static ALL: [&Script; 8] = [
-    &ISSUE, &POLL, &RELEASE, &READ, &SAVE, &DELETE, &UPDATE, &EXTEND,
+static ALL: [&Script; 10] = [
+    &ISSUE, &POLL, &RELEASE, &READ, &SAVE, &DELETE, &UPDATE, &EXTEND, &CANCEL, &INSPECT,
 ];
 
 /// The line of `lua/common.lua` that reads the clock.
@@ -263,7 +283,7 @@ pub fn scripts() -> &'static [&'static Script] {
 }
 
 /// The Functions library [`LIBRARY_NAME`]: the shared helpers once, then each
-/// operation's file as the body of function `ticketlock_v1_<name>` (`KEYS`
+/// operation's file as the body of function `ticketlock_v2_<name>` (`KEYS`
 /// and `ARGV` become its parameters). Load it with `FUNCTION LOAD REPLACE`.
 pub fn library() -> &'static str {
     library_for(Channels::Classic)
@@ -313,13 +333,14 @@ mod tests {
     #[test]
     fn the_library_holds_each_operation_once() {
         let lib = library();
-        assert!(lib.starts_with("#!lua name=ticketlock_v1\n"));
+        assert!(lib.starts_with("#!lua name=ticketlock_v2\n"));
         assert_eq!(lib.matches("local function clock()").count(), 1);
         for s in ALL {
             assert_eq!(lib.matches(&format!("'{}'", s.function_name())).count(), 1);
             assert_eq!(lib.matches(s.body).count(), 1, "{}", s.name);
         }
-        assert!(lib.contains("function_name = 'ticketlock_v1_read', flags = { 'no-writes' }"));
+        assert!(lib.contains("function_name = 'ticketlock_v2_read', flags = { 'no-writes' }"));
+        assert!(lib.contains("function_name = 'ticketlock_v2_inspect', flags = { 'no-writes' }"));
     }
 
     #[test]
@@ -344,7 +365,7 @@ mod tests {
             assert_eq!(s.sha_for(Channels::Sharded).len(), 40);
         }
         let lib = library_for(Channels::Sharded);
-        assert!(lib.starts_with("#!lua name=ticketlock_v1s\n"));
+        assert!(lib.starts_with("#!lua name=ticketlock_v2s\n"));
         assert!(lib.contains(SHARDED_PUBLISH_LINE));
         for s in ALL {
             let name = format!("'{SHARDED_LIBRARY_NAME}_{}'", s.name);

@@ -1,6 +1,8 @@
 //! [`LockStore`]: the public handle, Rasa's method names, and the acquire loop.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,15 +10,26 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 
 use crate::backend::memory::MemoryBackend;
-use crate::backend::redis::RedisBackend;
-use crate::backend::{AnyBackend, Backend, Fault, Polled, ReleaseMode, TicketRef};
-use crate::config::{self, StoreConfig, StoreType};
+use crate::backend::{AnyBackend, Backend, Polled, ReleaseMode, Remover, TicketRef, MAX_TICKET};
+use crate::config::{self, ScriptMode, StoreConfig, StoreType, DEFAULT_SOCKET_TIMEOUT};
 use crate::error::LockError;
-use crate::keys::KeySpace;
+use crate::guard::{grant_in, removes, Grant, LockGuard, OwnedTicket};
+use crate::inspect::Inspection;
 use crate::notify::Notice;
 use crate::options::{self, LockOptions, Resolved, DEFAULT_LIFETIME};
 use crate::ticket::TicketLock;
 use crate::validate;
+
+/// How long a cancelled request id is remembered by the store, in socket
+/// timeouts: its issue can only still be on its way (in a buffer of a server
+/// that stalled, in a network that is slower than the socket timeout) for
+/// about that long after the cancel itself ran.
+const REMEMBER_CANCELLED: u32 = 3;
+/// How long the give-back after a timeout may delay the `Timeout` error: the
+/// deadline has passed already, and the give-back finishes in the background.
+const GIVE_BACK_GRACE: Duration = Duration::from_millis(100);
+/// A tiny slack past the head's expiry, so the check after it sees it expired.
+const PAST: Duration = Duration::from_millis(2);
 
 /// A handle on a ticket lock store; cheap to clone, `Send + Sync`.
 ///
@@ -39,10 +52,104 @@ pub struct LockStore {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
+type Reconnect = Arc<
+    dyn Fn() -> Pin<Box<dyn Future<Output = Result<LockStore, LockError>> + Send>> + Send + Sync,
+>;
+
 struct Inner {
     backend: AnyBackend,
     default_lifetime: Duration,
+    /// `LockOptions::default()` resolved once: the common case needs no
+    /// checks or conversions per call.
+    default_options: Resolved,
+    /// Makes the request ids issues carry: unique within this process, and
+    /// across processes but for a 2^-64 chance.
+    requests: RequestIds,
+    /// How to reach the same Redis afresh, for a release that finds no
+    /// runtime to run in (see `LockGuard`'s `## Behavior`).
+    reconnect: Option<Reconnect>,
+    /// Releases and cancellations running in the background ([`LockStore::flush`]).
+    background: Arc<Background>,
+    /// When a blocking release (no runtime left) last found the store
+    /// unreachable: the next ones within a short while do not try again, so
+    /// a process exiting while Redis is down does not wait once per guard.
+    unreachable_at: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+/// Counts the store's background work, so [`LockStore::flush`] can wait for it.
+#[derive(Debug, Default)]
+struct Background {
+    running: std::sync::atomic::AtomicUsize,
+    done: tokio::sync::Notify,
+}
+
+/// A ticket owned, an issue in flight, or a release running in the
+/// background; counted until dropped (done, or cut short by a runtime
+/// shutting down).
+pub(crate) struct Running(Arc<Background>);
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Running")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.0.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.done.notify_waiters();
+        }
+    }
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("backend", &self.backend)
+            .field("default_lifetime", &self.default_lifetime)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Request ids: a per-store random key mixed with a counter (splitmix64, a
+/// bijection, so one store never repeats an id), in base 36.
+struct RequestIds {
+    key: u64,
+    next: AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        let key = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        RequestIds {
+            key,
+            next: AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> String {
+        let mut z = self
+            .next
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_add(self.key)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let mut digits = Vec::with_capacity(13);
+        loop {
+            digits.push(b"0123456789abcdefghijklmnopqrstuvwxyz"[(z % 36) as usize]);
+            z /= 36;
+            if z == 0 {
+                break;
+            }
+        }
+        digits.reverse();
+        String::from_utf8(digits).expect("ascii")
+    }
 }
 
 impl LockStore {
@@ -51,8 +158,19 @@ impl LockStore {
             inner: Arc::new(Inner {
                 backend,
                 default_lifetime,
+                default_options: LockOptions::default()
+                    .resolve(default_lifetime)
+                    .expect("the default lifetime is valid"),
+                requests: RequestIds::new(),
+                reconnect: None,
+                background: Arc::default(),
+                unreachable_at: std::sync::Mutex::new(None),
             }),
         }
+    }
+
+    fn memory(lifetime: Duration) -> Self {
+        Self::with_backend(AnyBackend::Memory(MemoryBackend::default()), lifetime)
     }
 
     /// A store in this process's memory, with the default lifetime of 60 s
@@ -69,10 +187,7 @@ impl LockStore {
     /// # Ok(()) }
     /// ```
     pub fn in_memory() -> Self {
-        Self::with_backend(
-            AnyBackend::Memory(MemoryBackend::default()),
-            DEFAULT_LIFETIME,
-        )
+        Self::memory(DEFAULT_LIFETIME)
     }
 
     /// A store from a URL: `memory://`, `redis://[user:password@]host[:port][/db]`,
@@ -82,12 +197,9 @@ impl LockStore {
     pub async fn from_url(url: &str) -> Result<Self, LockError> {
         let lifetime = options::lifetime_from_env()?;
         if config::is_memory_url(url) {
-            return Ok(Self::with_backend(
-                AnyBackend::Memory(MemoryBackend::default()),
-                lifetime,
-            ));
+            return Ok(Self::memory(lifetime));
         }
-        Self::connect(config::target_from_url(url, None, None)?, lifetime).await
+        Self::connect(config::resolve(&StoreConfig::from_url(url)?)?, lifetime).await
     }
 
     /// A store from Rasa-style configuration; `None` means in memory.
@@ -95,29 +207,118 @@ impl LockStore {
         let lifetime = options::lifetime_from_env()?;
         match config {
             Some(c) if c.store_type == StoreType::Redis => {
-                Self::connect(config::target_from_config(c)?, lifetime).await
+                Self::connect(config::resolve(c)?, lifetime).await
             }
-            _ => Ok(Self::with_backend(
-                AnyBackend::Memory(MemoryBackend::default()),
-                lifetime,
-            )),
+            _ => Ok(Self::memory(lifetime)),
         }
     }
 
-    async fn connect(target: config::RedisTarget, lifetime: Duration) -> Result<Self, LockError> {
-        if target.tls {
-            // rustls needs a process-wide crypto provider; another may already be installed.
-            let _ = rustls::crypto::ring::default_provider().install_default();
+    async fn connect(target: config::Deployment, lifetime: Duration) -> Result<Self, LockError> {
+        // The way back to the same Redis, for a release that finds no runtime
+        // to run in: a fresh connection that needs no FUNCTION LOAD.
+        let mut again = target.clone();
+        again.script_mode = ScriptMode::Eval;
+        let reconnect: Reconnect = Arc::new(move || {
+            let target = again.clone();
+            Box::pin(async move {
+                let backend = crate::backend::connect::open(target).await?;
+                Ok(Self::with_backend(
+                    AnyBackend::Redis(backend),
+                    DEFAULT_LIFETIME,
+                ))
+            })
+        });
+        // Boxed: connecting nests deep enough to overflow the compiler's
+        // trait checks in callers' futures.
+        let backend = Box::pin(crate::backend::connect::open(target)).await?;
+        let mut store = Self::with_backend(AnyBackend::Redis(backend), lifetime);
+        Arc::get_mut(&mut store.inner).expect("just made").reconnect = Some(reconnect);
+        Ok(store)
+    }
+
+    /// Counts something that will give a ticket back (see [`flush`](Self::flush))
+    /// until the token is dropped. The in-memory store gives tickets back at
+    /// once and counts nothing.
+    pub(crate) fn track(&self) -> Option<Running> {
+        if self.backend().answers_at_once() {
+            return None;
         }
-        let backend = RedisBackend::connect(
-            target.client,
-            KeySpace::new(target.key_prefix),
-            target.socket_timeout,
-            target.script_mode,
-        )
-        .await
-        .map_err(|e| backend_error(None, Fault::Redis(e)))?;
-        Ok(Self::with_backend(AnyBackend::Redis(backend), lifetime))
+        let background = self.inner.background.clone();
+        background.running.fetch_add(1, Ordering::AcqRel);
+        Some(Running(background))
+    }
+
+    /// Runs `work` in a task of the current runtime, counted for [`flush`](Self::flush);
+    /// gives `work` back when no runtime accepts it.
+    pub(crate) fn spawn_background<F>(&self, work: F) -> Result<(), F>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Err(work);
+        };
+        let running = self.track();
+        runtime.spawn(async move {
+            let _running = running;
+            work.await;
+        });
+        Ok(())
+    }
+
+    /// Waits until every ticket this store (and its clones) took has been
+    /// given back, or `timeout` passes; true when none is left. A guard
+    /// dropped without `release`, a `lock` future dropped while it waited or
+    /// issued, a release that failed retryably: each gives its ticket back
+    /// in the background, and this waits for that too. Guards still alive,
+    /// and `lock` futures still pending, count as not given back: drop them
+    /// first. Call this before a process exits so it leaves no ticket behind
+    /// (the in-memory store gives tickets back at once).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), ticketlock::LockError> {
+    /// use std::time::Duration;
+    /// let store = ticketlock::LockStore::in_memory();
+    /// drop(store.lock("conv-1").await?);
+    /// assert!(store.flush(Duration::from_secs(1)).await);
+    /// # Ok(()) }
+    /// ```
+    pub async fn flush(&self, timeout: Duration) -> bool {
+        let background = &self.inner.background;
+        let waiting = async {
+            loop {
+                let done = background.done.notified();
+                if background.running.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                done.await;
+            }
+        };
+        tokio::time::timeout(timeout, waiting).await.is_ok()
+    }
+
+    /// Whether a blocking release may try to reach the store: not within
+    /// `pause` of one that found it unreachable.
+    pub(crate) fn may_block_for_release(&self, pause: Duration) -> bool {
+        let last = *self
+            .inner
+            .unreachable_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        last.is_none_or(|at| at.elapsed() >= pause)
+    }
+
+    /// A blocking release found the store unreachable.
+    pub(crate) fn unreachable_for_release(&self) {
+        *self
+            .inner
+            .unreachable_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+    }
+
+    /// How to reach this store's Redis afresh (see [`LockGuard`]'s `## Behavior`).
+    pub(crate) fn reconnect(&self) -> Option<Reconnect> {
+        self.inner.reconnect.clone()
     }
 
     /// The lifetime tickets get when no other is given.
@@ -133,6 +334,10 @@ impl LockStore {
     /// Appends a ticket to the conversation's queue and returns its number.
     /// The caller owns the ticket: end it with [`finish_serving`](Self::finish_serving)
     /// or [`cleanup`](Self::cleanup), or let it expire.
+    ///
+    /// If the call fails without knowing whether the store took the ticket
+    /// (a timeout, a lost connection), the store is told to give it back, so
+    /// no ticket nobody knows of blocks the queue.
     pub async fn issue_ticket(
         &self,
         conversation_id: &str,
@@ -140,13 +345,80 @@ impl LockStore {
     ) -> Result<u64, LockError> {
         validate::conversation_id(conversation_id)?;
         let lifetime_ms = validate::lifetime_ms(lifetime, "lifetime")?;
-        let issued = self
-            .backend()
-            .issue(conversation_id, lifetime_ms, None)
-            .await
-            .map_err(|f| fail(conversation_id, f))?;
+        let issued = self.issue_once(conversation_id, lifetime_ms, None).await?;
         tracing::debug!(conversation_id, ticket = issued.ticket, "ticket issued");
         Ok(issued.ticket)
+    }
+
+    /// One issue; on an outcome the store may not have seen through (timeout,
+    /// lost connection), the request is cancelled in the background.
+    async fn issue_once(
+        &self,
+        cid: &str,
+        lifetime_ms: u64,
+        liveness_ms: Option<u64>,
+    ) -> Result<crate::backend::Issued, LockError> {
+        // Until the store's answer is in hand, the issue's outcome is
+        // unknown: if this future is dropped (a timeout, a select!) or the
+        // call fails without an answer, the request is cancelled, which gives
+        // back the ticket it took, or makes sure it takes none.
+        let request = (!self.backend().answers_at_once()).then(|| self.inner.requests.next());
+        let mut unknown = request.as_ref().map(|request| UnknownIssue {
+            store: self,
+            cid,
+            request: Some(request.clone()),
+            _counted: self.track(),
+        });
+        let outcome = self
+            .backend()
+            .issue(cid, lifetime_ms, liveness_ms, request.as_deref())
+            .await;
+        if let Some(unknown) = unknown.as_mut() {
+            if !matches!(&outcome, Err(fault) if fault.may_have_run()) {
+                unknown.request = None;
+            }
+        }
+        drop(unknown);
+        match outcome {
+            Ok(Some(issued)) => Ok(issued),
+            Ok(None) => Err(LockError::Backend {
+                conversation_id: Some(cid.to_owned()),
+                retryable: true,
+                source: "the issue arrived after it had been cancelled".into(),
+            }),
+            Err(fault) => Err(fail(cid, fault)),
+        }
+    }
+
+    /// Sends `cancel` for `request` until the store takes it (or for as long
+    /// as the store would remember the request).
+    fn cancel_in_background(&self, cid: &str, request: String) {
+        let store = self.clone();
+        let cid: Arc<str> = Arc::from(cid);
+        let remember = self
+            .backend()
+            .call_timeout()
+            .unwrap_or(DEFAULT_SOCKET_TIMEOUT)
+            * REMEMBER_CANCELLED;
+        let give_up = Instant::now() + remember;
+        let _ = self.spawn_background(async move {
+            let remember_ms = remember.as_millis() as u64;
+            let mut pause = Duration::from_millis(50);
+            loop {
+                match store.backend().cancel(&cid, &request, remember_ms).await {
+                    Ok(found) => {
+                        tracing::debug!(conversation_id = &*cid, request, ticket = ?found, "cancelled an issue whose answer was lost");
+                        return;
+                    }
+                    Err(e) if Instant::now() + pause < give_up => {
+                        tracing::debug!(conversation_id = &*cid, request, error = ?e, "cancelling an issue failed; retrying");
+                    }
+                    Err(_) => return,
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        });
     }
 
     /// Waits for the conversation's lock with the store's defaults. See [`lock_with`](Self::lock_with).
@@ -165,52 +437,120 @@ impl LockStore {
     ///
     /// Returns [`LockError::Expired`] as soon as the ticket is found expired
     /// or removed, and [`LockError::Timeout`] (ticket given back) when the
-    /// options' timeout passes first.
+    /// options' timeout passes first, also while the store does not answer.
     ///
     /// # Cancel safety
     /// Dropping the returned future before it completes gives the ticket
-    /// back (in the background, on the current runtime), so the waiters
-    /// behind it are not held up. That holds even while the ticket is being
-    /// issued: the issue runs in its own task, which returns the ticket if
-    /// nobody is left to take it.
+    /// back (in the background), so the waiters behind it are not held up.
+    /// That holds even while the ticket is being issued: on Redis the issue
+    /// runs in its own task, which gives the ticket back if nobody is left to
+    /// take it, and tells the store to cancel the request if its answer is
+    /// lost. The in-memory store answers at once, so there is nothing to
+    /// cancel half-way.
     pub async fn lock_with(
         &self,
         conversation_id: &str,
         options: LockOptions,
     ) -> Result<LockGuard, LockError> {
         validate::conversation_id(conversation_id)?;
-        let options = options.resolve(self.inner.default_lifetime)?;
+        let options = if options == LockOptions::default() {
+            self.inner.default_options
+        } else {
+            options.resolve(self.inner.default_lifetime)?
+        };
         let started = Instant::now();
-        let mut ticket = self.issue_owned(conversation_id, &options).await?;
-        match self.wait_until_served(&ticket, &options, started).await {
-            Ok(grant) => {
+        if let AnyBackend::Memory(memory) = self.backend() {
+            // The in-memory store answers at once: the issue runs right here
+            // (nothing to cancel half-way, no task), and only a caller that
+            // has to wait pays for the acquire loop's (boxed) future.
+            let (ticket, served) =
+                self.take_ticket_now(memory, conversation_id, &options, started)?;
+            if let Some(grant) = served {
+                tracing::debug!(
+                    conversation_id,
+                    ticket = ticket.number(),
+                    fence = grant.fence,
+                    "lock acquired"
+                );
+                return Ok(LockGuard::new(ticket, grant, &options));
+            }
+            return Box::pin(self.wait_for_grant(ticket, options, started)).await;
+        }
+        Box::pin(self.lock_via_store(conversation_id, options, started)).await
+    }
+
+    /// `lock_with` on a store that answers over the network: the issue runs
+    /// in a task of its own, and every await is raced against the deadline.
+    async fn lock_via_store(
+        &self,
+        conversation_id: &str,
+        options: Resolved,
+        started: Instant,
+    ) -> Result<LockGuard, LockError> {
+        let deadline = options.timeout.map(|t| started + t);
+        let timed_out = |ticket| LockError::Timeout {
+            conversation_id: conversation_id.to_owned(),
+            ticket,
+            waited: started.elapsed(),
+        };
+        // A zero timeout tries once: the issue's answer is awaited (for at
+        // most the socket timeout), and only waiting is ruled out.
+        let issue_deadline = deadline.filter(|_| options.timeout != Some(Duration::ZERO));
+        let (ticket, served) =
+            match within(issue_deadline, self.issue_owned(conversation_id, &options)).await {
+                Some(issued) => issued?,
+                None => return Err(timed_out(None)),
+            };
+        match served {
+            Some(grant) => {
                 tracing::debug!(conversation_id, ticket = ticket.number(), fence = grant.fence, waited = ?started.elapsed(), "lock acquired");
-                if !grant.picked_up {
-                    ticket.fence = Some(grant.fence);
-                }
                 Ok(LockGuard::new(ticket, grant, &options))
             }
-            Err(e @ LockError::Expired { .. }) => {
+            None => self.wait_for_grant(ticket, options, started).await,
+        }
+    }
+
+    /// Waits until `ticket` is served; gives it back on a timeout.
+    async fn wait_for_grant(
+        &self,
+        mut ticket: OwnedTicket,
+        options: Resolved,
+        started: Instant,
+    ) -> Result<LockGuard, LockError> {
+        let conversation_id = &*ticket.conversation_id.clone();
+        let deadline = options.timeout.map(|t| started + t);
+        let outcome = self.wait_until_served(&ticket, &options, deadline).await;
+        match outcome {
+            Ok(grant) => {
+                tracing::debug!(conversation_id, ticket = ticket.number(), fence = grant.fence, waited = ?started.elapsed(), "lock acquired");
+                Ok(LockGuard::new(ticket, grant, &options))
+            }
+            Err(Waited::Expired) => {
                 tracing::debug!(
                     conversation_id,
                     ticket = ticket.number(),
                     "ticket expired while waiting"
                 );
                 ticket.forget();
-                Err(e)
+                Err(LockError::Expired {
+                    conversation_id: conversation_id.to_owned(),
+                    ticket: ticket.number(),
+                })
             }
-            Err(e @ LockError::Timeout { .. }) => {
+            Err(Waited::TimedOut) => {
                 // Give the ticket back now rather than on drop, so a caller
-                // that retries at once queues behind nobody stale.
-                let _ = ticket.give_back().await;
-                Err(e)
+                // that retries at once queues behind nobody stale; but do not
+                // let a stalled store hold the error up.
+                let number = ticket.number();
+                let _ = tokio::time::timeout(GIVE_BACK_GRACE, ticket.give_back()).await;
+                Err(LockError::Timeout {
+                    conversation_id: conversation_id.to_owned(),
+                    ticket: Some(number),
+                    waited: started.elapsed(),
+                })
             }
-            Err(e) => {
-                // The store just failed: giving back could take another
-                // socket timeout, so the ticket's drop does it in the background.
-                drop(ticket);
-                Err(e)
-            }
+            // The store just failed: the ticket's drop gives it back in the background.
+            Err(Waited::Failed(e)) => Err(e),
         }
     }
 
@@ -266,14 +606,17 @@ impl LockStore {
     }
 
     /// Replaces the conversation's queue with `lock`'s tickets, atomically.
-    /// Ticket numbers never go down: the next ticket issued gets a number above
-    /// both `lock`'s and the stored ones.
+    /// Every ticket keeps the kind and terms it has in `lock` (a snapshot
+    /// from [`get_lock`](Self::get_lock) saved back unchanged changes
+    /// nothing, the current grant included). Ticket numbers never go down: the
+    /// next ticket issued gets a number above both `lock`'s and the stored
+    /// ones. Waiters whose tickets are left out get [`LockError::Expired`] at
+    /// once; a holder whose ticket is left out sees [`LockGuard::lost`] resolve.
     pub async fn save_lock(&self, lock: &TicketLock) -> Result<(), LockError> {
         let cid = lock.conversation_id();
         validate::conversation_id(cid)?;
-        // Lua numbers are doubles: integers are exact up to 2^53.
-        const MAX_NUMBER: u64 = (1 << 53) - 1;
-        if lock.next_number() > MAX_NUMBER || lock.tickets().iter().any(|t| t.number() > MAX_NUMBER)
+        if lock.next_number() > MAX_TICKET + 1
+            || lock.tickets().iter().any(|t| t.number() > MAX_TICKET)
         {
             return Err(LockError::invalid(
                 "ticket",
@@ -283,16 +626,39 @@ impl LockStore {
                 ),
             ));
         }
+        let mut seen = std::collections::HashSet::new();
         for t in lock.tickets() {
-            if t.expires_in() > validate::MAX_LIFETIME {
+            let terms = [Some(t.expires_in()), t.lease(), t.dead_waiter_timeout()];
+            if terms
+                .into_iter()
+                .flatten()
+                .any(|d| d > validate::MAX_LIFETIME)
+            {
                 return Err(LockError::invalid(
                     "ticket",
                     format!(
-                        "ticket {} lives {:?}, longer than the maximum {:?}",
+                        "ticket {} lives {:?} or has terms longer than the maximum {:?}",
                         t.number(),
                         t.expires_in(),
                         validate::MAX_LIFETIME
                     ),
+                ));
+            }
+            if t.lease().is_some_and(|d| d.is_zero())
+                || t.dead_waiter_timeout().is_some_and(|d| d.is_zero())
+            {
+                return Err(LockError::invalid(
+                    "ticket",
+                    format!(
+                        "renewing ticket {} needs a lease and a dead-waiter timeout above zero",
+                        t.number()
+                    ),
+                ));
+            }
+            if !t.expires_in().is_zero() && !seen.insert(t.number()) {
+                return Err(LockError::invalid(
+                    "ticket",
+                    format!("ticket {} appears twice", t.number()),
                 ));
             }
         }
@@ -301,7 +667,7 @@ impl LockStore {
     }
 
     /// Deletes the conversation's record and every ticket in it; its waiters
-    /// get [`LockError::Expired`].
+    /// get [`LockError::Expired`], and its holder's [`LockGuard::lost`] resolves.
     pub async fn delete_lock(&self, conversation_id: &str) -> Result<(), LockError> {
         validate::conversation_id(conversation_id)?;
         self.backend()
@@ -333,7 +699,9 @@ impl LockStore {
     }
 
     /// Removes ticket `ticket` (served or not); the next live ticket is served
-    /// and its waiter woken. The conversation's record stays.
+    /// and its waiter woken. The conversation's record stays. The ticket's
+    /// own waiter gets [`LockError::Expired`], or its holder sees
+    /// [`LockGuard::lost`] resolve.
     pub async fn finish_serving(
         &self,
         conversation_id: &str,
@@ -362,13 +730,24 @@ impl LockStore {
             epoch: None,
         };
         self.backend()
-            .release(cid, ticket, mode)
+            .release(cid, ticket, mode, Remover::Admin)
             .await
             .map_err(|f| fail(cid, f))?;
         Ok(())
     }
 
-    fn backend(&self) -> &AnyBackend {
+    /// Everything the store knows about one conversation, for operators
+    /// (`ticketlock inspect`): read-only, so it works on a replica, under
+    /// the minimal ACL, and on a Redis that is out of memory.
+    pub async fn inspect(&self, conversation_id: &str) -> Result<Inspection, LockError> {
+        validate::conversation_id(conversation_id)?;
+        self.backend()
+            .inspect(conversation_id, None)
+            .await
+            .map_err(|f| fail(conversation_id, f))
+    }
+
+    pub(crate) fn backend(&self) -> &AnyBackend {
         &self.inner.backend
     }
 
@@ -392,105 +771,129 @@ impl LockStore {
         Self::with_backend(backend, self.inner.default_lifetime)
     }
 
-    /// Issues a ticket in a task of its own: if the caller is cancelled while
-    /// the issue is in flight, the task gives the ticket straight back.
-    async fn issue_owned(&self, cid: &str, options: &Resolved) -> Result<OwnedTicket, LockError> {
-        let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
-        let store = self.clone();
-        let owned_cid = cid.to_owned();
-        let (lifetime_ms, liveness_ms) = (options.lifetime_ms, options.liveness_ms);
-        tokio::spawn(async move {
-            let reply = store
-                .backend()
-                .issue(&owned_cid, lifetime_ms, Some(liveness_ms))
-                .await
-                .map(|issued| OwnedTicket {
-                    store: store.clone(),
-                    conversation_id: owned_cid.clone(),
-                    ticket: TicketRef {
-                        number: issued.ticket,
-                        epoch: Some(issued.epoch),
-                    },
-                    fence: issued.fence,
-                    armed: true,
-                });
-            // If the receiver is gone, `reply` comes back and dropping its
-            // ticket gives the ticket back.
-            let _ = reply_tx.send(reply);
-        });
-        match reply_rx.await {
-            Ok(Ok(ticket)) => {
-                tracing::debug!(
-                    conversation_id = cid,
-                    ticket = ticket.number(),
-                    served = ticket.fence.is_some(),
-                    "ticket issued"
-                );
-                Ok(ticket)
-            }
-            Ok(Err(fault)) => Err(fail(cid, fault)),
-            Err(_) => Err(LockError::Backend {
-                conversation_id: Some(cid.to_owned()),
-                retryable: true,
-                source: "the task issuing the ticket ended without an answer (it panicked, or the runtime is shutting down)".into(),
-            }),
-        }
+    /// Issues a renewing ticket; dropped while the issue is in flight, the
+    /// request is cancelled (see `issue_once`), so no ticket is left behind.
+    async fn issue_owned(
+        &self,
+        cid: &str,
+        options: &Resolved,
+    ) -> Result<(OwnedTicket, Option<Grant>), LockError> {
+        self.take_ticket(Arc::from(cid), options.lifetime_ms, options.liveness_ms)
+            .await
     }
 
-    /// The acquire loop: ask (which also checks in), then sleep until a
-    /// wake-up, the head's expiry, the next check-in, or the deadline,
-    /// whichever comes first.
+    async fn take_ticket(
+        &self,
+        cid: Arc<str>,
+        lifetime_ms: u64,
+        liveness_ms: u64,
+    ) -> Result<(OwnedTicket, Option<Grant>), LockError> {
+        let sent = Instant::now();
+        let issued = self
+            .issue_once(&cid, lifetime_ms, Some(liveness_ms))
+            .await?;
+        Ok(self.owned(cid, issued, sent, liveness_ms))
+    }
+
+    /// The in-memory issue, at once; `sent` is also its clock's reading
+    /// (unless a test moves that clock by hand).
+    fn take_ticket_now(
+        &self,
+        memory: &crate::backend::memory::MemoryBackend,
+        cid: &str,
+        options: &Resolved,
+        sent: Instant,
+    ) -> Result<(OwnedTicket, Option<Grant>), LockError> {
+        let (issued, name) = memory
+            .issue_now(cid, options.lifetime_ms, Some(options.liveness_ms), sent)
+            .map_err(|f| fail(cid, f))?;
+        let issued = issued.expect("an issue without a request id is never cancelled");
+        Ok(self.owned(name, issued, sent, options.liveness_ms))
+    }
+
+    /// The ticket `issued` made ours, and its grant if it was served at once.
+    fn owned(
+        &self,
+        cid: Arc<str>,
+        issued: crate::backend::Issued,
+        sent: Instant,
+        liveness_ms: u64,
+    ) -> (OwnedTicket, Option<Grant>) {
+        let ticket = TicketRef {
+            number: issued.ticket,
+            epoch: Some(issued.epoch),
+        };
+        tracing::debug!(
+            conversation_id = &*cid,
+            ticket = ticket.number,
+            served = issued.fence.is_some(),
+            "ticket issued"
+        );
+        // Until when the store keeps the ticket without us: its lease when
+        // served, else its waiting expiry.
+        let (until, grant) = match issued.fence {
+            Some(fence) => {
+                let until = sent + issued.head_remaining.unwrap_or_default();
+                let grant = Grant {
+                    fence,
+                    until,
+                    picked_up: true,
+                };
+                (until, Some(grant))
+            }
+            None => (sent + Duration::from_millis(liveness_ms), None),
+        };
+        (OwnedTicket::new(self.clone(), cid, ticket, until), grant)
+    }
+
+    /// The acquire loop: subscribe, then ask (which also checks in), then
+    /// sleep until a wake-up, the head's expiry, the next check-in, or the
+    /// deadline, whichever comes first. Every call to the store is raced
+    /// against the deadline, so a stalled store cannot hold the caller past it.
     async fn wait_until_served(
         &self,
         ticket: &OwnedTicket,
         options: &Resolved,
-        started: Instant,
-    ) -> Result<Grant, LockError> {
-        if let Some(fence) = ticket.fence {
-            return Ok(Grant {
-                fence,
-                picked_up: true,
-                at: Instant::now(),
-            });
-        }
-        let cid = ticket.conversation_id.as_str();
+        deadline: Option<Instant>,
+    ) -> Result<Grant, Waited> {
+        let cid = &*ticket.conversation_id;
         let me = ticket.ticket;
-        let deadline = options.timeout.map(|t| started + t);
+        let failed = |f| Waited::Failed(fail(cid, f));
         // Subscribe before asking: a hand-over after our question is then
         // pushed to us, and one before it shows in the answer.
         let mut subscription = Some(
-            self.backend()
-                .subscribe(cid)
+            within(deadline, self.backend().subscribe(cid))
                 .await
-                .map_err(|f| fail(cid, f))?,
+                .ok_or(Waited::TimedOut)?
+                .map_err(failed)?,
         );
-        // A tiny slack past the head's expiry, so the check after it sees it expired.
-        const PAST: Duration = Duration::from_millis(2);
+        // When the last check-in that found us waiting was sent: the store
+        // kept our ticket at least `liveness` from then, and any grant came
+        // after it.
+        let liveness = Duration::from_millis(options.liveness_ms);
+        let mut checked_in: Instant;
+        let lease = options.lifetime();
         loop {
-            let polled = self
-                .backend()
-                .poll(cid, me)
+            let sent = Instant::now();
+            let polled = within(deadline, self.backend().poll(cid, me))
                 .await
-                .map_err(|f| fail(cid, f))?;
+                .ok_or(Waited::TimedOut)?
+                .map_err(failed)?;
             let next_check = match polled {
-                Polled::Served { fence } => {
+                Polled::Served { fence, remaining } => {
                     return Ok(Grant {
                         fence,
+                        until: sent + remaining,
                         picked_up: true,
-                        at: Instant::now(),
                     })
                 }
-                Polled::Gone => {
-                    return Err(LockError::Expired {
-                        conversation_id: cid.to_owned(),
-                        ticket: me.number,
-                    })
-                }
+                Polled::Gone => return Err(Waited::Expired),
                 Polled::Waiting {
                     ahead,
                     head_remaining,
                     own_remaining,
                 } => {
+                    checked_in = sent;
                     tracing::debug!(conversation_id = cid, ticket = me.number, ahead, "waiting");
                     // Check in well before our ticket would lapse.
                     let mut pause = options
@@ -518,37 +921,35 @@ impl LockStore {
                     }
                 };
                 match notice {
+                    Some(Ok(notice)) if removes(&notice, me) => break,
+                    Some(Ok(notice)) if grant_in(&notice, me).is_some() => {
+                        let fence = grant_in(&notice, me).expect("just matched");
+                        // The grant came after our last check-in, and its
+                        // lease runs from the grant: both end no earlier than
+                        // this. Too close to now, and a pick-up first is
+                        // better than a guard that is lost at once.
+                        let until = checked_in + liveness.min(lease);
+                        if until > Instant::now() + liveness.min(lease) / 2 {
+                            return Ok(Grant {
+                                fence,
+                                until,
+                                picked_up: false,
+                            });
+                        }
+                        break;
+                    }
                     Some(Ok(Notice::Changed {
                         epoch,
-                        serving,
-                        fence,
-                        removed,
+                        serving: Some(head),
                         serving_left,
-                    })) if Some(epoch) == me.epoch => {
-                        if removed == Some(me.number) {
-                            break; // someone removed our ticket: ask to be sure
+                        ..
+                    })) if Some(epoch) == me.epoch && head < me.number => {
+                        // Still behind. Check when the new head's grant runs
+                        // out, in case its owner is dead.
+                        if let Some(left) = serving_left {
+                            wake = wake.min(Instant::now() + left + PAST);
                         }
-                        match (serving, fence) {
-                            // The script that sent this had just granted the
-                            // lock: if to us, no need to ask again (the grant
-                            // is picked up in the background).
-                            (Some(head), Some(fence)) if head == me.number => {
-                                return Ok(Grant {
-                                    fence,
-                                    picked_up: false,
-                                    at: Instant::now(),
-                                })
-                            }
-                            (Some(head), _) if head < me.number => {
-                                // Still behind. Check when the new head's
-                                // grant runs out, in case its owner is dead.
-                                if let Some(left) = serving_left {
-                                    wake = wake.min(Instant::now() + left + PAST);
-                                }
-                                continue;
-                            }
-                            _ => break, // passed over or emptied: ask whether we are gone
-                        }
+                        continue;
                     }
                     Some(Ok(_)) | Some(Err(RecvError::Lagged(_))) => break,
                     Some(Err(RecvError::Closed)) => {
@@ -557,11 +958,7 @@ impl LockStore {
                     }
                     None => {
                         if deadline.is_some_and(|d| Instant::now() >= d) {
-                            return Err(LockError::Timeout {
-                                conversation_id: cid.to_owned(),
-                                ticket: me.number,
-                                waited: started.elapsed(),
-                            });
+                            return Err(Waited::TimedOut);
                         }
                         break;
                     }
@@ -571,390 +968,39 @@ impl LockStore {
     }
 }
 
-/// How the lock was granted.
-#[derive(Debug, Clone, Copy)]
-struct Grant {
-    fence: u64,
-    /// Whether the store knows we have it (issue or poll said so), or it
-    /// was learnt from a wake-up and still has to be picked up.
-    picked_up: bool,
-    at: Instant,
+/// An issue whose outcome is not known yet; dropped while it still holds
+/// its request id, it cancels that request in the background.
+struct UnknownIssue<'a> {
+    store: &'a LockStore,
+    cid: &'a str,
+    request: Option<String>,
+    /// Counted for `flush` until the cancel (if any) is under way.
+    _counted: Option<Running>,
 }
 
-/// A ticket this process owns; dropping it while armed gives it back.
-#[derive(Debug)]
-struct OwnedTicket {
-    store: LockStore,
-    conversation_id: String,
-    ticket: TicketRef,
-    /// The grant's fencing token once served.
-    fence: Option<u64>,
-    armed: bool,
-}
-
-impl OwnedTicket {
-    fn number(&self) -> u64 {
-        self.ticket.number
-    }
-
-    /// Nothing to give back (the ticket is gone already).
-    fn forget(&mut self) {
-        self.armed = false;
-    }
-
-    /// Removes the ticket now, and the record if nobody else is queued.
-    async fn give_back(&mut self) -> Result<bool, LockError> {
-        self.armed = false;
-        let cid = self.conversation_id.as_str();
-        let released = self
-            .store
-            .backend()
-            .release(cid, self.ticket, ReleaseMode::Cleanup)
-            .await
-            .map_err(|f| fail(cid, f))?;
-        tracing::debug!(
-            conversation_id = cid,
-            ticket = self.ticket.number,
-            removed = released.removed,
-            "ticket released"
-        );
-        Ok(released.removed)
-    }
-}
-
-impl Drop for OwnedTicket {
+impl Drop for UnknownIssue<'_> {
     fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        // Outside a runtime nothing can run; the ticket then simply expires.
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let mut owned = OwnedTicket {
-            store: self.store.clone(),
-            conversation_id: std::mem::take(&mut self.conversation_id),
-            ticket: self.ticket,
-            fence: self.fence,
-            armed: false,
-        };
-        runtime.spawn(async move {
-            let _ = owned.give_back().await;
-        });
-    }
-}
-
-/// What this process knows of its lease.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Lease {
-    /// Held until about this instant (the local estimate of the server's expiry).
-    Until(Instant),
-    /// Expired, removed, or granted to someone else.
-    Lost,
-}
-
-/// Proof that this process holds a conversation's lock.
-///
-/// ## Behavior
-/// - [`release`](Self::release)`.await` removes the ticket atomically and
-///   wakes the next waiter; it reports whether the lease was still valid.
-/// - Dropped inside a tokio runtime without `release`: the same release runs
-///   in the background.
-/// - Dropped outside any runtime: nothing can run; the lease runs out and
-///   the next waiter is served then.
-/// - Lease expiry: the lease (the lifetime) runs from the grant. Unless it is
-///   renewed ([`LockOptions::with_auto_renew`](crate::LockOptions::with_auto_renew)
-///   or [`extend`](Self::extend)), the store serves the next waiter when it
-///   ends, whether or not this guard still exists. [`lost`](Self::lost)
-///   resolves when that happens or a renewal finds the lease gone; protect
-///   shared resources with [`fencing_token`](Self::fencing_token).
-#[must_use = "dropping the guard releases the lock at once"]
-#[derive(Debug)]
-pub struct LockGuard {
-    ticket: OwnedTicket,
-    fence: u64,
-    lease: Arc<tokio::sync::watch::Sender<Lease>>,
-    /// Picks up a grant learnt from a wake-up, then renews if asked to.
-    keeper: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl LockGuard {
-    fn new(ticket: OwnedTicket, grant: Grant, options: &Resolved) -> Self {
-        let lifetime = options.lifetime();
-        let (lease, _) = tokio::sync::watch::channel(Lease::Until(grant.at + lifetime));
-        let lease = Arc::new(lease);
-        let keeper = (!grant.picked_up || options.auto_renew).then(|| {
-            let keeper = Keeper {
-                store: ticket.store.clone(),
-                conversation_id: ticket.conversation_id.clone(),
-                ticket: ticket.ticket,
-                fence: grant.fence,
-                lease: lease.clone(),
-            };
-            tokio::spawn(keeper.run(!grant.picked_up, options.auto_renew.then_some(lifetime)))
-        });
-        LockGuard {
-            ticket,
-            fence: grant.fence,
-            lease,
-            keeper,
-        }
-    }
-
-    /// The ticket number this guard holds.
-    pub fn ticket(&self) -> u64 {
-        self.ticket.number()
-    }
-
-    /// The conversation this guard holds the lock of.
-    pub fn conversation_id(&self) -> &str {
-        &self.ticket.conversation_id
-    }
-
-    /// This grant's fencing token: strictly greater than every earlier
-    /// grant's of this conversation, also across `cleanup`, `delete_lock` and
-    /// expired records. Pass it with every write to a shared resource and have
-    /// the resource refuse tokens lower than the highest it has seen, so a
-    /// holder whose lease ran out cannot overwrite its successor's work.
-    pub fn fencing_token(&self) -> u64 {
-        self.fence
-    }
-
-    /// Asks the store whether this guard still holds the lock.
-    pub async fn is_held(&self) -> Result<bool, LockError> {
-        if *self.lease.borrow() == Lease::Lost {
-            return Ok(false);
-        }
-        let cid = self.conversation_id();
-        let polled = self
-            .ticket
-            .store
-            .backend()
-            .poll(cid, self.ticket.ticket)
-            .await
-            .map_err(|f| fail(cid, f))?;
-        let held = matches!(polled, Polled::Served { fence } if fence == self.fence);
-        if !held {
-            self.lease.send_replace(Lease::Lost);
-        }
-        Ok(held)
-    }
-
-    /// Renews the lease to `lease` from now. Returns [`LockError::Expired`]
-    /// if it was already lost (it is never revived).
-    pub async fn extend(&self, lease: Duration) -> Result<(), LockError> {
-        let lease_ms = validate::lifetime_ms(lease, "lease")?;
-        let keeper = self.keeper_view();
-        keeper.extend(lease_ms).await
-    }
-
-    /// Resolves when the lease is lost: it ran out (by this process's clock)
-    /// or a renewal or check found it gone. Meant for `tokio::select!`
-    /// around the critical section.
-    pub async fn lost(&self) {
-        let mut lease = self.lease.subscribe();
-        loop {
-            let current = *lease.borrow_and_update();
-            match current {
-                Lease::Lost => return,
-                Lease::Until(until) => {
-                    tokio::select! {
-                        changed = lease.changed() => {
-                            if changed.is_err() {
-                                return;
-                            }
-                        }
-                        _ = tokio::time::sleep_until(until) => {
-                            // Only a renewal can have moved the deadline meanwhile.
-                            if *lease.borrow() == current {
-                                self.lease.send_replace(Lease::Lost);
-                                return;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Releases the lock and wakes the next waiter. Returns
-    /// [`LockError::Expired`] when the ticket had already expired or been
-    /// removed (the lease was lost while held).
-    pub async fn release(mut self) -> Result<(), LockError> {
-        if let Some(keeper) = self.keeper.take() {
-            keeper.abort();
-        }
-        if self.ticket.give_back().await? {
-            Ok(())
-        } else {
-            Err(LockError::Expired {
-                conversation_id: self.ticket.conversation_id.clone(),
-                ticket: self.ticket.number(),
-            })
-        }
-    }
-
-    fn keeper_view(&self) -> Keeper {
-        Keeper {
-            store: self.ticket.store.clone(),
-            conversation_id: self.ticket.conversation_id.clone(),
-            ticket: self.ticket.ticket,
-            fence: self.fence,
-            lease: self.lease.clone(),
+        if let Some(request) = self.request.take() {
+            self.store.cancel_in_background(self.cid, request);
         }
     }
 }
 
-impl Drop for LockGuard {
-    fn drop(&mut self) {
-        if let Some(keeper) = self.keeper.take() {
-            keeper.abort();
-        }
+/// How waiting ended, when it did not end in a grant.
+enum Waited {
+    Expired,
+    TimedOut,
+    Failed(LockError),
+}
+
+/// `future`, or `None` once `deadline` passes.
+async fn within<T>(deadline: Option<Instant>, future: impl Future<Output = T>) -> Option<T> {
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, future).await.ok(),
+        None => Some(future.await),
     }
 }
 
-/// Looks after a held lease in the background: picks up a grant learnt from
-/// a wake-up, and renews the lease every third of its lifetime if asked to.
-struct Keeper {
-    store: LockStore,
-    conversation_id: String,
-    ticket: TicketRef,
-    fence: u64,
-    lease: Arc<tokio::sync::watch::Sender<Lease>>,
-}
-
-impl Keeper {
-    async fn run(self, pick_up: bool, renew: Option<Duration>) {
-        if pick_up {
-            let cid = self.conversation_id.as_str();
-            match self.store.backend().poll(cid, self.ticket).await {
-                Ok(Polled::Served { fence }) if fence == self.fence => {}
-                // Picked up too late (or re-granted): the lease is gone.
-                Ok(_) => {
-                    self.lease.send_replace(Lease::Lost);
-                    return;
-                }
-                // Not reachable: the lease stands until its local deadline.
-                Err(_) => {}
-            }
-        }
-        let Some(lifetime) = renew else { return };
-        let lifetime_ms = lifetime.as_millis() as u64;
-        loop {
-            tokio::time::sleep(lifetime / 3).await;
-            // A failed renewal is retried next round; the local deadline
-            // (watched by `lost`) says when it is too late.
-            match self.extend(lifetime_ms).await {
-                Err(LockError::Expired { .. }) => return,
-                _ => continue,
-            }
-        }
-    }
-
-    async fn extend(&self, lease_ms: u64) -> Result<(), LockError> {
-        let cid = self.conversation_id.as_str();
-        let asked = Instant::now();
-        let extended = self
-            .store
-            .backend()
-            .extend(cid, self.ticket.number, self.fence, lease_ms)
-            .await
-            .map_err(|f| fail(cid, f))?;
-        match extended {
-            Some(left) => {
-                // Counted from when we asked: never later than the server's deadline.
-                if *self.lease.borrow() != Lease::Lost {
-                    self.lease.send_replace(Lease::Until(asked + left));
-                }
-                tracing::debug!(
-                    conversation_id = cid,
-                    ticket = self.ticket.number,
-                    ?left,
-                    "lease renewed"
-                );
-                Ok(())
-            }
-            None => {
-                self.lease.send_replace(Lease::Lost);
-                tracing::debug!(
-                    conversation_id = cid,
-                    ticket = self.ticket.number,
-                    "lease lost"
-                );
-                Err(LockError::Expired {
-                    conversation_id: cid.to_owned(),
-                    ticket: self.ticket.number,
-                })
-            }
-        }
-    }
-}
-
-fn fail(conversation_id: &str, fault: Fault) -> LockError {
-    backend_error(Some(conversation_id), fault)
-}
-
-pub(crate) fn backend_error(conversation_id: Option<&str>, fault: Fault) -> LockError {
-    let conversation_id = conversation_id.map(str::to_owned);
-    match fault {
-        Fault::Foreign(detail) => LockError::Corrupted {
-            conversation_id: conversation_id.unwrap_or_default(),
-            detail,
-        },
-        Fault::Reply(detail) => LockError::Backend {
-            conversation_id,
-            retryable: false,
-            source: detail.into(),
-        },
-        Fault::Injected(op) => LockError::Backend {
-            conversation_id,
-            retryable: true,
-            source: format!("injected fault at {op:?}").into(),
-        },
-        Fault::Redis(e) => LockError::Backend {
-            conversation_id,
-            retryable: !is_tls_failure(&e) && e.is_io_error()
-                || e.is_timeout()
-                || e.is_connection_dropped()
-                || e.is_connection_refusal()
-                || matches!(
-                    e.kind(),
-                    redis::ErrorKind::Server(
-                        redis::ServerErrorKind::BusyLoading
-                            | redis::ServerErrorKind::TryAgain
-                            | redis::ServerErrorKind::ClusterDown
-                            | redis::ServerErrorKind::MasterDown
-                            | redis::ServerErrorKind::ReadOnly
-                    )
-                )
-                // A master short of the replicas it requires (min-replicas-to-write), as during a failover.
-                || e.code() == Some("NOREPLICAS"),
-            source: Box::new(e),
-        },
-    }
-}
-
-/// A TLS failure (untrusted certificate, wrong name) comes as an I/O error,
-/// but retrying cannot fix it.
-fn is_tls_failure(error: &redis::RedisError) -> bool {
-    type Shared = Arc<dyn std::error::Error + Send + Sync>;
-    let is_tls = |e: &(dyn std::error::Error + 'static)| {
-        // redis keeps I/O errors behind an Arc, and io::Error::source() skips
-        // the error it wraps, so look inside both by hand.
-        let e = e
-            .downcast_ref::<Shared>()
-            .map_or(e, |shared| &**shared as _);
-        e.is::<rustls::Error>()
-            || e.downcast_ref::<std::io::Error>()
-                .and_then(std::io::Error::get_ref)
-                .is_some_and(|inner| inner.is::<rustls::Error>())
-    };
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = source {
-        if is_tls(e) {
-            return true;
-        }
-        source = e.source();
-    }
-    false
+pub(crate) fn fail(conversation_id: &str, fault: crate::backend::Fault) -> LockError {
+    fault.into_error(Some(conversation_id))
 }

@@ -6,11 +6,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::backend::connect;
+use crate::backend::connection::Connector;
 use crate::backend::memory::MemoryBackend;
-use crate::backend::redis::RedisBackend;
 use crate::backend::{AnyBackend, Fault};
-use crate::config::{self, ScriptMode};
-use crate::keys::KeySpace;
+use crate::config::{self, ScriptMode, StoreConfig};
 use crate::options::DEFAULT_LIFETIME;
 use crate::{LockError, LockStore};
 
@@ -60,13 +60,20 @@ pub async fn manual_clock_stores(
     let memory_store =
         LockStore::with_backend(AnyBackend::Memory(memory.clone()), DEFAULT_LIFETIME);
 
-    let target = config::target_from_url(url, Some(prefix), None)?;
-    let fail = |e: redis::RedisError| crate::store::backend_error(None, Fault::Redis(e));
-    let client = redis::Client::open(url).map_err(fail)?;
+    let mut config = StoreConfig::from_url(url)?;
+    config.key_prefix = Some(prefix.to_owned());
+    config.script_mode = ScriptMode::Eval;
+    let deployment = config::resolve(&config)?;
+    let Connector::Standard(client) = connect::connector(&deployment)? else {
+        return Err(LockError::invalid(
+            "url",
+            "a manual clock needs a standalone server",
+        ));
+    };
     let conn = client
         .get_multiplexed_async_connection()
         .await
-        .map_err(fail)?;
+        .map_err(|e| Fault::from(e).into_error(None))?;
     // An hour ahead of the real clock, so Redis's own (real-time) key expiry
     // never strikes first; the scripts emulate expiry on the manual clock.
     let start = SystemTime::now()
@@ -80,15 +87,7 @@ pub async fn manual_clock_stores(
         now_us: AtomicU64::new(start.as_micros() as u64),
     });
     clock.advance(Duration::ZERO).await;
-    let backend = RedisBackend::connect(
-        target.client,
-        KeySpace::new(target.key_prefix),
-        target.socket_timeout,
-        ScriptMode::Eval,
-    )
-    .await
-    .map_err(fail)?
-    .with_manual_clock(&key);
+    let backend = connect::open(deployment).await?.with_manual_clock(&key);
     let redis_store = LockStore::with_backend(AnyBackend::Redis(backend), DEFAULT_LIFETIME);
     Ok((
         (memory_store, ManualClock(Moves::Memory(memory))),

@@ -5,17 +5,61 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// One place in a conversation's queue.
+///
+/// A ticket is *fixed* (Rasa's: it expires its lifetime after being issued,
+/// waiting included; what [`LockStore::issue_ticket`](crate::LockStore::issue_ticket)
+/// takes) or *renewing* (what [`LockStore::lock`](crate::LockStore::lock)
+/// takes: it waits as long as its waiter checks in, and once granted holds
+/// the lock for its lease). A snapshot keeps each ticket's kind and terms, so
+/// saving it back with [`LockStore::save_lock`](crate::LockStore::save_lock)
+/// changes nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ticket {
     number: u64,
     #[serde(rename = "expires_in_ms", with = "millis")]
     expires_in: Duration,
+    #[serde(
+        rename = "lease_ms",
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "opt_millis"
+    )]
+    lease: Option<Duration>,
+    #[serde(
+        rename = "dead_waiter_timeout_ms",
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "opt_millis"
+    )]
+    dead_waiter_timeout: Option<Duration>,
 }
 
 impl Ticket {
-    /// A ticket with `number` that expires `expires_in` from when it is saved.
+    /// A fixed ticket with `number` that expires `expires_in` from when it is saved.
     pub fn new(number: u64, expires_in: Duration) -> Self {
-        Ticket { number, expires_in }
+        Ticket {
+            number,
+            expires_in,
+            lease: None,
+            dead_waiter_timeout: None,
+        }
+    }
+
+    /// A renewing ticket: it expires `expires_in` from when it is saved unless
+    /// its waiter checks in (each check-in gives it `dead_waiter_timeout`
+    /// more), and once granted it holds the lock for `lease` from the grant.
+    pub fn renewing(
+        number: u64,
+        expires_in: Duration,
+        lease: Duration,
+        dead_waiter_timeout: Duration,
+    ) -> Self {
+        Ticket {
+            number,
+            expires_in,
+            lease: Some(lease),
+            dead_waiter_timeout: Some(dead_waiter_timeout),
+        }
     }
 
     /// The ticket's number; numbers of one conversation only go up.
@@ -26,6 +70,23 @@ impl Ticket {
     /// Lifetime left when the snapshot was taken.
     pub fn expires_in(&self) -> Duration {
         self.expires_in
+    }
+
+    /// The lease a renewing ticket holds the lock for once granted; `None`
+    /// for a fixed ticket.
+    pub fn lease(&self) -> Option<Duration> {
+        self.lease
+    }
+
+    /// How long a renewing ticket survives without its waiter checking in;
+    /// `None` for a fixed ticket.
+    pub fn dead_waiter_timeout(&self) -> Option<Duration> {
+        self.dead_waiter_timeout
+    }
+
+    /// True for a renewing ticket (taken by `lock`), false for a fixed one.
+    pub fn is_renewing(&self) -> bool {
+        self.lease.is_some()
     }
 }
 
@@ -127,6 +188,25 @@ impl TicketLock {
     }
 }
 
+mod opt_millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&(d.as_millis().min(u64::MAX as u128) as u64)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<u64>::deserialize(d)?.map(Duration::from_millis))
+    }
+}
+
 mod millis {
     use std::time::Duration;
 
@@ -155,6 +235,28 @@ mod tests {
             r#"{"conversation_id":"c{1}","tickets":[{"number":0,"expires_in_ms":1500}],"next_number":1}"#
         );
         assert_eq!(serde_json::from_str::<TicketLock>(&json).unwrap(), lock);
+    }
+
+    #[test]
+    fn renewing_tickets_keep_their_terms_through_json() {
+        let mut lock = TicketLock::new("c");
+        lock.issue_ticket(Duration::from_millis(10));
+        let mut tickets = lock.tickets().to_vec();
+        tickets.push(Ticket::renewing(
+            1,
+            Duration::from_millis(20),
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+        ));
+        let lock = TicketLock::from_parts("c".into(), tickets, 2);
+        let json = serde_json::to_string(&lock).unwrap();
+        assert!(
+            json.contains(r#""lease_ms":60000,"dead_waiter_timeout_ms":5000"#),
+            "{json}"
+        );
+        let back: TicketLock = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, lock);
+        assert!(back.tickets()[1].is_renewing() && !back.tickets()[0].is_renewing());
     }
 
     #[test]

@@ -18,25 +18,28 @@
 //! Any lost connection may have lost messages, so it tells every local
 //! waiter to ask the store again.
 
-use std::collections::HashSet;
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::SentinelClient;
 use redis::{
-    AsyncConnectionConfig, ConnectionInfo, ErrorKind, IntoConnectionInfo, ProtocolVersion,
-    PushInfo, PushKind, RedisError, RedisResult, ServerErrorKind, TlsCertificates, Value,
+    AsyncConnectionConfig, Cmd, ConnectionInfo, Pipeline, ProtocolVersion, PushInfo, PushKind,
+    RedisError, RedisFuture, RedisResult, TlsCertificates, Value,
 };
 use tokio::sync::Notify;
-use tokio::time::Instant;
 
+use super::classify::{classify, is_server_reply, Class};
+use super::sentinel::{Resolver, SentinelConn};
+use crate::keys::KeySpace;
 use crate::notify::{Notice, Notifier};
 use crate::scripts::{self, Channels, Invoke, Script};
 
-/// How to reach the data, as the configuration described it (not connected yet).
+/// How to reach the data, as the configuration described it (not connected
+/// yet); built by [`connect`](super::connect).
 pub(crate) enum Connector {
     /// One server.
     Standard(redis::Client),
@@ -51,16 +54,102 @@ pub(crate) enum Connector {
         service: String,
         /// `host:port` of each sentinel (for messages).
         sentinels: Vec<String>,
+        /// A RESP3 client of each sentinel (credentials and TLS included),
+        /// to follow `+switch-master` announcements.
+        watchers: Vec<redis::Client>,
     },
+}
+
+/// A connection whose every call ends within `timeout`, waiting for a
+/// reconnect included: redis-rs bounds the reconnect and the reply each,
+/// and a call after a lost connection would wait for both.
+#[derive(Clone)]
+pub(crate) struct Bounded<C> {
+    inner: C,
+    timeout: Duration,
+}
+
+impl<C> Bounded<C> {
+    pub(super) fn new(inner: C, timeout: Duration) -> Self {
+        Bounded { inner, timeout }
+    }
+}
+
+impl<C: ConnectionLike + Send> ConnectionLike for Bounded<C> {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        let timeout = self.timeout;
+        Box::pin(within(
+            timeout,
+            "a Redis call",
+            self.inner.req_packed_command(cmd),
+        ))
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        let timeout = self.timeout;
+        Box::pin(within(
+            timeout,
+            "a Redis pipeline",
+            self.inner.req_packed_commands(pipeline, offset, count),
+        ))
+    }
+
+    fn get_db(&self) -> i64 {
+        self.inner.get_db()
+    }
 }
 
 /// A connected backend connection; cloning shares it.
 #[derive(Clone)]
 pub(crate) enum Conn {
-    Standard(ConnectionManager),
-    Cluster(ClusterConnection),
+    Standard(Bounded<ConnectionManager>),
+    Cluster(Bounded<ClusterConnection>),
     Sentinel(Arc<SentinelConn>),
 }
+
+/// How a store runs its scripts, shared by its clones. In
+/// [`ScriptMode::Auto`](crate::ScriptMode::Auto), Functions give way to
+/// EVALSHA for good the first time the server refuses FCALL.
+#[derive(Debug, Clone)]
+pub(crate) struct Invoker {
+    functions: Arc<AtomicBool>,
+    may_fall_back: bool,
+}
+
+impl Invoker {
+    /// `how`, and whether a refused FCALL may switch it to EVALSHA.
+    pub(crate) fn new(how: Invoke, may_fall_back: bool) -> Self {
+        Invoker {
+            functions: Arc::new(AtomicBool::new(how == Invoke::Functions)),
+            may_fall_back,
+        }
+    }
+
+    fn current(&self) -> Invoke {
+        if self.functions.load(Ordering::Relaxed) {
+            Invoke::Functions
+        } else {
+            Invoke::Eval
+        }
+    }
+
+    /// Switches to EVALSHA; true for the caller that switched.
+    fn fall_back(&self) -> bool {
+        self.functions
+            .compare_exchange(true, false, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+}
+
+/// The conversation whose keys the Functions probe reads: any id would do
+/// (the call is read-only); this one is under the store's prefix like every
+/// other, so an ACL limited to the prefix allows it.
+const PROBE_ID: &str = "ticketlock:probe";
 
 impl Conn {
     /// Connects; calls and the connecting itself are bounded by `timeout`.
@@ -72,8 +161,13 @@ impl Conn {
         match connector {
             Connector::Standard(client) => {
                 let config = manager_config(timeout, notifier, None);
-                let conn = client.get_connection_manager_with_config(config).await?;
-                Ok(Conn::Standard(conn))
+                let conn = within(
+                    timeout,
+                    "connecting",
+                    client.get_connection_manager_with_config(config),
+                )
+                .await?;
+                Ok(Conn::Standard(Bounded::new(conn, timeout)))
             }
             Connector::Cluster { nodes, certs } => {
                 let first = nodes.first().cloned();
@@ -89,15 +183,14 @@ impl Conn {
                     builder = builder.certs(certs.clone());
                 }
                 let client = builder.build()?;
-                // Each node's connect is bounded by `timeout`; this bounds the whole.
                 match within(
-                    timeout * 2,
+                    timeout,
                     "connecting to the cluster",
                     client.get_async_connection(),
                 )
                 .await
                 {
-                    Ok(conn) => Ok(Conn::Cluster(conn)),
+                    Ok(conn) => Ok(Conn::Cluster(Bounded::new(conn, timeout))),
                     Err(e) => Err(match first {
                         Some(node) => diagnose(node, certs, timeout).await.unwrap_or(e),
                         None => e,
@@ -108,6 +201,7 @@ impl Conn {
                 client,
                 service,
                 sentinels,
+                watchers,
             } => Ok(Conn::Sentinel(
                 SentinelConn::connect(
                     Resolver {
@@ -116,6 +210,7 @@ impl Conn {
                         sentinels,
                         last: None,
                     },
+                    watchers,
                     timeout,
                     notifier,
                 )
@@ -132,8 +227,37 @@ impl Conn {
         }
     }
 
-    /// Runs `script` (see [`Script::run`]).
+    /// Runs `script` (see [`Script::run`]) the way `invoke` says; a refused
+    /// FCALL in `Auto` mode switches the store to EVALSHA (logged once) and
+    /// is repeated that way: the server did not run it.
     pub(crate) async fn run(
+        &self,
+        script: &Script,
+        invoke: &Invoker,
+        keys: &[String],
+        args: &[String],
+    ) -> RedisResult<Value> {
+        let how = invoke.current();
+        match self.run_as(script, how, keys, args).await {
+            Err(e)
+                if how == Invoke::Functions
+                    && invoke.may_fall_back
+                    && classify(&e) == Class::Refused =>
+            {
+                if invoke.fall_back() {
+                    tracing::warn!(
+                        key = ?keys.first(),
+                        error = %e,
+                        "the server refused FCALL; running the scripts with EVALSHA from now on"
+                    );
+                }
+                self.run_as(script, Invoke::Eval, keys, args).await
+            }
+            result => result,
+        }
+    }
+
+    async fn run_as(
         &self,
         script: &Script,
         invoke: Invoke,
@@ -152,8 +276,14 @@ impl Conn {
                     .run(&mut c.clone(), invoke, channels, keys, args)
                     .await
             }
-            // Boxed: the store's futures nest deep enough as they are.
-            Conn::Sentinel(s) => Box::pin(s.run(script, invoke, keys, args)).await,
+            // Boxed as a trait object: the store's futures nest deep enough
+            // as they are, and the compiler's auto-trait checks stop here.
+            Conn::Sentinel(s) => {
+                let call: std::pin::Pin<
+                    Box<dyn std::future::Future<Output = RedisResult<Value>> + Send + '_>,
+                > = Box::pin(s.run(script, invoke, keys, args));
+                call.await
+            }
         }
     }
 
@@ -170,18 +300,77 @@ impl Conn {
         }
     }
 
+    /// What `Auto` runs the scripts with: Functions if the library loads
+    /// and a read-only function of it answers both `FCALL_RO` and `FCALL`
+    /// (what a store in Functions mode sends), else EVALSHA. Only a refusal
+    /// counts against Functions: a call that ran and failed still ran.
+    pub(crate) async fn functions_usable(&self, keys: &KeySpace) -> RedisResult<Invoke> {
+        let prefix_keys = [keys.key(PROBE_ID)];
+        match self.load_library().await {
+            Ok(_) => {}
+            // Redis < 7 (unknown command), an ACL without FUNCTION (NOPERM),
+            // a server out of memory (OOM): any answer that refuses it. The
+            // same code still runs by EVALSHA.
+            Err(e) if !matches!(classify(&e), Class::Unanswered | Class::Tls) => {
+                tracing::debug!(error = %e, "FUNCTION LOAD refused; the scripts run with EVALSHA");
+                return Ok(Invoke::Eval);
+            }
+            Err(e) => return Err(e),
+        }
+        for read_only in [true, false] {
+            let probe = match self {
+                Conn::Standard(c) => {
+                    scripts::probe(&mut c.clone(), self.channels(), read_only, &prefix_keys).await
+                }
+                Conn::Cluster(c) => {
+                    scripts::probe(&mut c.clone(), self.channels(), read_only, &prefix_keys).await
+                }
+                Conn::Sentinel(s) => {
+                    scripts::probe(&mut s.master(), self.channels(), read_only, &prefix_keys).await
+                }
+            };
+            match probe {
+                Err(e) if classify(&e) == Class::Refused => {
+                    tracing::debug!(error = %e, "FCALL refused; the scripts run with EVALSHA");
+                    return Ok(Invoke::Eval);
+                }
+                Err(e) if !is_server_reply(&e) => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(Invoke::Functions)
+    }
+
     pub(crate) async fn subscribe(&self, channel: &str) -> RedisResult<()> {
         match self {
-            Conn::Standard(c) => c.clone().subscribe(channel).await,
-            Conn::Cluster(c) => c.clone().ssubscribe(channel).await,
+            Conn::Standard(c) => {
+                within(c.timeout, "SUBSCRIBE", c.inner.clone().subscribe(channel)).await
+            }
+            Conn::Cluster(c) => {
+                within(c.timeout, "SSUBSCRIBE", c.inner.clone().ssubscribe(channel)).await
+            }
             Conn::Sentinel(s) => s.subscribe(channel).await,
         }
     }
 
     pub(crate) async fn unsubscribe(&self, channel: &str) -> RedisResult<()> {
         match self {
-            Conn::Standard(c) => c.clone().unsubscribe(channel).await,
-            Conn::Cluster(c) => c.clone().sunsubscribe(channel).await,
+            Conn::Standard(c) => {
+                within(
+                    c.timeout,
+                    "UNSUBSCRIBE",
+                    c.inner.clone().unsubscribe(channel),
+                )
+                .await
+            }
+            Conn::Cluster(c) => {
+                within(
+                    c.timeout,
+                    "SUNSUBSCRIBE",
+                    c.inner.clone().sunsubscribe(channel),
+                )
+                .await
+            }
             Conn::Sentinel(s) => s.unsubscribe(channel).await,
         }
     }
@@ -243,8 +432,10 @@ fn forward(notifier: &Notifier, push: PushInfo) {
 
 /// A `ConnectionManager` configuration: bounded calls, RESP3 pushes to the
 /// notifier, resubscription after reconnects; `lost` is told of every
-/// disconnection.
-fn manager_config(
+/// disconnection. One attempt per (re)connect: the next call tries again
+/// anyway, and retrying inside one socket timeout would only turn the real
+/// cause (a refused certificate, a wrong password) into a timeout.
+pub(super) fn manager_config(
     timeout: Duration,
     notifier: Arc<Notifier>,
     lost: Option<Arc<Notify>>,
@@ -252,8 +443,7 @@ fn manager_config(
     ConnectionManagerConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(timeout))
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_secs(2))
+        .set_number_of_retries(0)
         .set_automatic_resubscription()
         .set_push_sender(move |push: PushInfo| {
             if push.kind == PushKind::Disconnection {
@@ -267,7 +457,7 @@ fn manager_config(
 }
 
 /// `future`, or a (retryable) timeout error after `limit`.
-async fn within<T>(
+pub(super) async fn within<T>(
     limit: Duration,
     what: &str,
     future: impl std::future::Future<Output = RedisResult<T>>,
@@ -276,447 +466,7 @@ async fn within<T>(
         Ok(result) => result,
         Err(_) => Err(RedisError::from(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
-            format!("{what} took longer than {limit:?}"),
+            format!("{what} timed out after {limit:?}"),
         ))),
-    }
-}
-
-/// How often at most the sentinels are asked again about the master.
-const RESOLVE_INTERVAL: Duration = Duration::from_millis(200);
-
-/// The master of a Sentinel deployment, followed across failovers.
-///
-/// Calls go to a `ConnectionManager` on the master the sentinels named last.
-/// The sentinels are asked again:
-/// - as soon as one of them announces `+switch-master` for our service
-///   ([`follow_switches`]);
-/// - when the master answers that it is none (any more): `READONLY` (it was
-///   demoted), `MASTERDOWN`, or `NOREPLICAS` (it lost the replicas its
-///   `min-replicas-to-write` asks for, e.g. because one was just promoted);
-/// - in the background, when the connection is lost or a call goes
-///   unanswered, and then every [`RESOLVE_INTERVAL`] while the master stays
-///   unreachable.
-///
-/// One question at a time, and (but for `+switch-master`) at most every
-/// [`RESOLVE_INTERVAL`]. When they name another master, a new
-/// `ConnectionManager` replaces the old one, every channel with a listener
-/// is subscribed there, and every waiter is told to recheck. A call refused
-/// with one of the answers above changed nothing, so it is sent once more to
-/// the new master; other failures are returned (the store reports them as
-/// retryable) and the next call goes to the new master.
-pub(crate) struct SentinelConn {
-    resolver: tokio::sync::Mutex<Resolver>,
-    current: RwLock<Current>,
-    /// Channels subscribed on the current master. Held while subscribing and
-    /// while switching masters, so every channel ends up on the new master.
-    subscribed: tokio::sync::Mutex<HashSet<String>>,
-    timeout: Duration,
-    notifier: Arc<Notifier>,
-    /// Wakes the background watcher (connection lost, or a call went unanswered).
-    lost: Arc<Notify>,
-}
-
-struct Resolver {
-    client: SentinelClient,
-    service: String,
-    sentinels: Vec<String>,
-    /// When the sentinels were asked last.
-    last: Option<Instant>,
-}
-
-#[derive(Clone)]
-struct Current {
-    manager: ConnectionManager,
-    /// `host:port` of the master.
-    addr: String,
-    /// Bumped on every switch.
-    generation: u64,
-}
-
-/// What a failed call says about the master.
-enum Verdict {
-    /// Nothing to do with the master (a script error, foreign data...).
-    Unrelated,
-    /// The server answered that it cannot take writes: nothing was changed.
-    NotMaster,
-    /// No answer: the server may be gone.
-    Unanswered,
-}
-
-fn verdict(e: &RedisError) -> Verdict {
-    if matches!(
-        e.kind(),
-        ErrorKind::Server(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown)
-    ) || e.code() == Some("NOREPLICAS")
-    {
-        Verdict::NotMaster
-    } else if e.is_io_error()
-        || e.is_timeout()
-        || e.is_connection_dropped()
-        || e.is_connection_refusal()
-    {
-        Verdict::Unanswered
-    } else {
-        Verdict::Unrelated
-    }
-}
-
-impl std::fmt::Debug for SentinelConn {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let current = self
-            .current
-            .read()
-            .map(|c| c.addr.clone())
-            .unwrap_or_default();
-        f.debug_struct("SentinelConn")
-            .field("master", &current)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Drop for SentinelConn {
-    fn drop(&mut self) {
-        // Ends the watcher (it finds nobody to watch for).
-        self.lost.notify_one();
-    }
-}
-
-impl SentinelConn {
-    async fn connect(
-        mut resolver: Resolver,
-        timeout: Duration,
-        notifier: Arc<Notifier>,
-    ) -> RedisResult<Arc<SentinelConn>> {
-        let lost = Arc::new(Notify::new());
-        let (manager, addr) = open_master(&mut resolver.client, timeout, &notifier, &lost)
-            .await
-            .map_err(|e| {
-                tracing::debug!(service = resolver.service, sentinels = ?resolver.sentinels, error = %e, "no master from the sentinels");
-                if e.kind() == ErrorKind::MasterNameNotFoundBySentinel {
-                    // Name the master and the sentinels asked: that is what is wrong.
-                    RedisError::from((
-                        e.kind(),
-                        "the sentinels know no master by this name",
-                        format!(
-                            "{:?} (asked {})",
-                            resolver.service,
-                            resolver.sentinels.join(", ")
-                        ),
-                    ))
-                } else {
-                    e
-                }
-            })?;
-        tracing::debug!(service = resolver.service, sentinels = ?resolver.sentinels, master = %addr, "connected to the master the sentinels name");
-        resolver.last = Some(Instant::now());
-        let conn = Arc::new(SentinelConn {
-            resolver: tokio::sync::Mutex::new(resolver),
-            current: RwLock::new(Current {
-                manager,
-                addr,
-                generation: 0,
-            }),
-            subscribed: tokio::sync::Mutex::default(),
-            timeout,
-            notifier,
-            lost: lost.clone(),
-        });
-        tokio::spawn(watch(Arc::downgrade(&conn), lost));
-        let (sentinels, service) = {
-            let resolver = conn.resolver.lock().await;
-            (resolver.sentinels.clone(), resolver.service.clone())
-        };
-        tokio::spawn(follow_switches(
-            Arc::downgrade(&conn),
-            sentinels,
-            service,
-            timeout,
-        ));
-        Ok(conn)
-    }
-
-    fn current(&self) -> Current {
-        // A panic elsewhere cannot leave `Current` half-written (it is replaced whole).
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    fn master(&self) -> ConnectionManager {
-        self.current().manager
-    }
-
-    async fn run(
-        &self,
-        script: &Script,
-        invoke: Invoke,
-        keys: &[String],
-        args: &[String],
-    ) -> RedisResult<Value> {
-        let current = self.current();
-        let result = script
-            .run(
-                &mut current.manager.clone(),
-                invoke,
-                Channels::Classic,
-                keys,
-                args,
-            )
-            .await;
-        let Err(e) = &result else {
-            return result;
-        };
-        match verdict(e) {
-            Verdict::Unrelated => result,
-            Verdict::Unanswered => {
-                self.lost.notify_one();
-                result
-            }
-            Verdict::NotMaster => {
-                if self.refresh(current.generation, false).await {
-                    let mut master = self.master();
-                    script
-                        .run(&mut master, invoke, Channels::Classic, keys, args)
-                        .await
-                } else {
-                    result
-                }
-            }
-        }
-    }
-
-    async fn subscribe(&self, channel: &str) -> RedisResult<()> {
-        let mut subscribed = self.subscribed.lock().await;
-        let result = self.master().subscribe(channel).await;
-        // Also after a failure: a switch of masters subscribes it again.
-        subscribed.insert(channel.to_owned());
-        if result
-            .as_ref()
-            .is_err_and(|e| !matches!(verdict(e), Verdict::Unrelated))
-        {
-            self.lost.notify_one();
-        }
-        result
-    }
-
-    async fn unsubscribe(&self, channel: &str) -> RedisResult<()> {
-        let mut subscribed = self.subscribed.lock().await;
-        subscribed.remove(channel);
-        self.master().unsubscribe(channel).await
-    }
-
-    /// Asks the sentinels for the master and switches to it if it moved.
-    /// True when the master changed since generation `seen` (here or by
-    /// someone else meanwhile). At most every [`RESOLVE_INTERVAL`] unless `now`.
-    async fn refresh(&self, seen: u64, now: bool) -> bool {
-        let mut resolver = self.resolver.lock().await;
-        let current = self.current();
-        if current.generation != seen {
-            return true;
-        }
-        if !now
-            && resolver
-                .last
-                .is_some_and(|last| last.elapsed() < RESOLVE_INTERVAL)
-        {
-            return false;
-        }
-        resolver.last = Some(Instant::now());
-        let master = match within(
-            self.timeout,
-            "asking the sentinels for the master",
-            resolver.client.async_get_client(),
-        )
-        .await
-        {
-            Ok(master) => master,
-            Err(e) => {
-                tracing::debug!(service = resolver.service, sentinels = ?resolver.sentinels, error = %e, "the sentinels named no master");
-                return false;
-            }
-        };
-        let addr = master.get_connection_info().addr().to_string();
-        if addr == current.addr {
-            return false;
-        }
-        let config = manager_config(self.timeout, self.notifier.clone(), Some(self.lost.clone()));
-        let manager = match within(
-            self.timeout,
-            "connecting to the new master",
-            master.get_connection_manager_with_config(config),
-        )
-        .await
-        {
-            Ok(manager) => manager,
-            Err(e) => {
-                tracing::debug!(service = resolver.service, master = %addr, error = %e, "cannot reach the new master yet");
-                // Ask again at the next occasion rather than after the interval.
-                resolver.last = None;
-                return false;
-            }
-        };
-        let subscribed = self.subscribed.lock().await;
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Current {
-            manager: manager.clone(),
-            addr: addr.clone(),
-            generation: seen + 1,
-        };
-        if !subscribed.is_empty() {
-            let channels: Vec<&String> = subscribed.iter().collect();
-            if let Err(e) = manager.clone().subscribe(&channels).await {
-                // The waiters are told to recheck below, and poll meanwhile.
-                tracing::debug!(error = %e, "resubscribing on the new master failed");
-            }
-        }
-        drop(subscribed);
-        tracing::info!(
-            service = resolver.service,
-            from = %current.addr,
-            to = %addr,
-            "the sentinels name a new master; switched to it"
-        );
-        self.notifier.send_all(Notice::Recheck);
-        true
-    }
-}
-
-/// Opens a `ConnectionManager` on the master the sentinels name.
-async fn open_master(
-    client: &mut SentinelClient,
-    timeout: Duration,
-    notifier: &Arc<Notifier>,
-    lost: &Arc<Notify>,
-) -> RedisResult<(ConnectionManager, String)> {
-    let master = within(
-        timeout,
-        "asking the sentinels for the master",
-        client.async_get_client(),
-    )
-    .await?;
-    let addr = master.get_connection_info().addr().to_string();
-    let config = manager_config(timeout, notifier.clone(), Some(lost.clone()));
-    let manager = within(
-        timeout,
-        "connecting to the master",
-        master.get_connection_manager_with_config(config),
-    )
-    .await?;
-    Ok((manager, addr))
-}
-
-/// Re-resolves the master whenever the connection was lost or a call went
-/// unanswered; ends once the connection is dropped.
-async fn watch(conn: Weak<SentinelConn>, lost: Arc<Notify>) {
-    loop {
-        lost.notified().await;
-        let Some(conn) = conn.upgrade() else {
-            return;
-        };
-        let seen = conn.current().generation;
-        if !conn.refresh(seen, false).await {
-            // Too soon after the last question, or the sentinels still name
-            // the same master (a failover takes them a moment): ask again
-            // shortly, while the master stays unreachable.
-            tokio::time::sleep(RESOLVE_INTERVAL).await;
-            if conn.current().generation == seen && !conn.master_answers().await {
-                conn.lost.notify_one();
-            }
-        }
-    }
-}
-
-impl SentinelConn {
-    /// True when the current master answers PING within the timeout.
-    async fn master_answers(&self) -> bool {
-        let mut master = self.master();
-        within(self.timeout, "PING", async {
-            redis::cmd("PING").query_async::<()>(&mut master).await
-        })
-        .await
-        .is_ok()
-    }
-}
-
-/// Listens on a sentinel's `+switch-master` channel (RESP3 pushes on a
-/// connection of its own, to the first sentinel that answers) and switches
-/// as soon as one announces a new master for our service: the old master
-/// may go on accepting writes until Sentinel demotes it, seconds later, and
-/// a store should not be among its writers. Ends once the connection is
-/// dropped (checked every second).
-async fn follow_switches(
-    conn: Weak<SentinelConn>,
-    sentinels: Vec<String>,
-    service: String,
-    timeout: Duration,
-) {
-    let mut attempt = 0usize;
-    loop {
-        if conn.strong_count() == 0 {
-            return;
-        }
-        let addr = &sentinels[attempt % sentinels.len()];
-        attempt += 1;
-        let (pushes, mut received) = tokio::sync::mpsc::unbounded_channel::<PushInfo>();
-        let subscribed = within(timeout, "subscribing to +switch-master", async {
-            let info = format!("redis://{addr}/").into_connection_info()?;
-            let settings = info
-                .redis_settings()
-                .clone()
-                .set_protocol(ProtocolVersion::RESP3);
-            let client = redis::Client::open(info.set_redis_settings(settings))?;
-            let config = AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(timeout))
-                .set_response_timeout(Some(timeout))
-                .set_push_sender(pushes);
-            let mut sentinel = client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await?;
-            sentinel.subscribe("+switch-master").await?;
-            Ok(sentinel)
-        })
-        .await;
-        let _sentinel = match subscribed {
-            Ok(sentinel) => sentinel,
-            Err(e) => {
-                tracing::debug!(sentinel = %addr, error = %e, "cannot follow +switch-master here");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        if attempt > 1 {
-            // A switch may have been announced while nobody listened.
-            if let Some(conn) = conn.upgrade() {
-                let seen = conn.current().generation;
-                conn.refresh(seen, true).await;
-            }
-        }
-        loop {
-            tokio::select! {
-                push = received.recv() => match push {
-                    Some(push) if push.kind == PushKind::Message => {
-                        // "<service> <old ip> <old port> <new ip> <new port>"
-                        let ours = matches!(
-                            push.data.as_slice(),
-                            [_, Value::BulkString(payload)]
-                                if payload.split(|b| *b == b' ').next() == Some(service.as_bytes())
-                        );
-                        if let (true, Some(conn)) = (ours, conn.upgrade()) {
-                            let seen = conn.current().generation;
-                            conn.refresh(seen, true).await;
-                        }
-                    }
-                    Some(push) if push.kind == PushKind::Disconnection => break,
-                    Some(_) => {}
-                    None => break,
-                },
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {
-                    if conn.strong_count() == 0 {
-                        return;
-                    }
-                }
-            }
-        }
-        tokio::time::sleep(RESOLVE_INTERVAL).await;
     }
 }

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
-    Backend, Fault, Issued, Polled, Record, ReleaseMode, Released, Result, Subscription, TicketRef,
-    Updated,
+    Backend, Fault, Issued, Polled, Record, ReleaseMode, Released, Remover, Result, Subscription,
+    TicketRef, Updated,
 };
+use crate::inspect::Inspection;
 use crate::ticket::TicketLock;
 
 /// The operation a fault applies to.
@@ -33,6 +34,10 @@ pub enum Op {
     Delete,
     /// lua/update.lua
     Update,
+    /// lua/cancel.lua
+    Cancel,
+    /// lua/inspect.lua
+    Inspect,
     /// Listening for wake-ups.
     Subscribe,
 }
@@ -76,6 +81,10 @@ impl<B: Backend> FaultyBackend<B> {
         FaultyBackend { inner, plan }
     }
 
+    pub(crate) fn inner(&self) -> &B {
+        &self.inner
+    }
+
     pub(crate) fn with_plan(&self, plan: Plan) -> Self
     where
         B: Clone,
@@ -101,8 +110,21 @@ impl<B: Backend> FaultyBackend<B> {
 }
 
 impl<B: Backend> Backend for FaultyBackend<B> {
-    async fn issue(&self, cid: &str, lifetime_ms: u64, liveness_ms: Option<u64>) -> Result<Issued> {
-        self.around(Op::Issue, self.inner.issue(cid, lifetime_ms, liveness_ms))
+    async fn issue(
+        &self,
+        cid: &str,
+        lifetime_ms: u64,
+        liveness_ms: Option<u64>,
+        request: Option<&str>,
+    ) -> Result<Option<Issued>> {
+        self.around(
+            Op::Issue,
+            self.inner.issue(cid, lifetime_ms, liveness_ms, request),
+        )
+        .await
+    }
+    async fn cancel(&self, cid: &str, request: &str, remember_ms: u64) -> Result<Option<u64>> {
+        self.around(Op::Cancel, self.inner.cancel(cid, request, remember_ms))
             .await
     }
     async fn extend(
@@ -118,8 +140,14 @@ impl<B: Backend> Backend for FaultyBackend<B> {
     async fn poll(&self, cid: &str, ticket: TicketRef) -> Result<Polled> {
         self.around(Op::Poll, self.inner.poll(cid, ticket)).await
     }
-    async fn release(&self, cid: &str, ticket: TicketRef, mode: ReleaseMode) -> Result<Released> {
-        self.around(Op::Release, self.inner.release(cid, ticket, mode))
+    async fn release(
+        &self,
+        cid: &str,
+        ticket: TicketRef,
+        mode: ReleaseMode,
+        by: Remover,
+    ) -> Result<Released> {
+        self.around(Op::Release, self.inner.release(cid, ticket, mode, by))
             .await
     }
     async fn read(&self, cid: &str, limit: Option<u64>) -> Result<Option<Record>> {
@@ -133,6 +161,10 @@ impl<B: Backend> Backend for FaultyBackend<B> {
     }
     async fn update(&self, cid: &str) -> Result<Updated> {
         self.around(Op::Update, self.inner.update(cid)).await
+    }
+    async fn inspect(&self, cid: &str, limit: Option<u64>) -> Result<Inspection> {
+        self.around(Op::Inspect, self.inner.inspect(cid, limit))
+            .await
     }
     async fn subscribe(&self, cid: &str) -> Result<Subscription> {
         self.around(Op::Subscribe, self.inner.subscribe(cid)).await

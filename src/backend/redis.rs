@@ -13,12 +13,14 @@ use std::time::Duration;
 
 use redis::Value;
 
-use super::connection::{Conn, Connector};
+use super::connection::{Conn, Connector, Invoker};
+use super::memory::ceil_ms;
 use super::{
-    Backend, Fault, Issued, Polled, Record, ReleaseMode, Released, Result, Subscription, TicketRef,
-    Updated,
+    Backend, Fault, Issued, Polled, Record, ReleaseMode, Released, Remover, Result, Subscription,
+    TicketRef, Updated,
 };
 use crate::config::ScriptMode;
+use crate::inspect::{InspectedRecord, InspectedTicket, Inspection};
 use crate::keys::KeySpace;
 use crate::notify::Notifier;
 use crate::scripts::{self, Invoke, Script};
@@ -29,8 +31,10 @@ use crate::ticket::{Ticket, TicketLock};
 pub(crate) struct RedisBackend {
     conn: Conn,
     keys: KeySpace,
-    invoke: Invoke,
+    invoke: Invoker,
     notifier: Arc<Notifier>,
+    /// Bounds every call.
+    pub(crate) socket_timeout: Duration,
     /// Differential tests only: the hash the scripts read the time from.
     manual_clock: Option<Arc<str>>,
 }
@@ -54,24 +58,19 @@ impl RedisBackend {
         let notifier = Arc::new(Notifier::default());
         let conn = Conn::connect(client, socket_timeout, notifier.clone()).await?;
         let invoke = match mode {
-            ScriptMode::Eval => Invoke::Eval,
+            ScriptMode::Eval => Invoker::new(Invoke::Eval, false),
             ScriptMode::Functions => {
                 conn.load_library().await?;
-                Invoke::Functions
+                Invoker::new(Invoke::Functions, false)
             }
-            // A server that refuses (Redis < 7: unknown command; an ACL
-            // without FUNCTION: NOPERM) still runs the same code by EVALSHA.
-            ScriptMode::Auto => match conn.load_library().await {
-                Ok(_) => Invoke::Functions,
-                Err(e) if matches!(e.kind(), redis::ErrorKind::Server(_)) => Invoke::Eval,
-                Err(e) => return Err(e),
-            },
+            ScriptMode::Auto => Invoker::new(conn.functions_usable(&keys).await?, true),
         };
         Ok(RedisBackend {
             conn,
             keys,
             invoke,
             notifier,
+            socket_timeout,
             manual_clock: None,
         })
     }
@@ -84,9 +83,36 @@ impl RedisBackend {
     }
 
     async fn run(&self, script: &Script, cid: &str, args: &[String]) -> Result<Vec<i64>> {
-        let keys = self.keys.all(cid);
-        let reply = match (&self.manual_clock, &self.conn) {
-            (None, conn) => conn.run(script, self.invoke, &keys, args).await?,
+        let reply = self.run_raw(script, cid, args).await?;
+        integers(script.name(), reply)
+    }
+
+    async fn run_raw(&self, script: &Script, cid: &str, args: &[String]) -> Result<Value> {
+        let reply = self.call(script, cid, args).await?;
+        if let Value::Push { kind, .. } = &reply {
+            // redis-rs 1.8 takes a pub/sub push the server sends unasked (a
+            // cluster node dropping a sharded subscription whose slot moved)
+            // for the reply of the oldest call in flight. This call's real
+            // outcome is unknown, so it fails retryably, like a lost
+            // connection; and messages may have been missed.
+            self.notifier.send_all(crate::notify::Notice::Recheck);
+            return Err(Fault::Store {
+                retryable: true,
+                unknown_outcome: true,
+                source: format!(
+                    "{}.lua got a {kind:?} pub/sub message for its reply; its outcome is unknown",
+                    script.name()
+                )
+                .into(),
+            });
+        }
+        Ok(reply)
+    }
+
+    async fn call(&self, script: &Script, cid: &str, args: &[String]) -> Result<Value> {
+        let keys = [self.keys.key(cid)];
+        Ok(match (&self.manual_clock, &self.conn) {
+            (None, conn) => conn.run(script, &self.invoke, &keys, args).await?,
             (Some(clock_key), Conn::Standard(conn)) => {
                 let code = script.with_manual_clock(clock_key);
                 let mut call = redis::cmd("EVAL");
@@ -98,8 +124,7 @@ impl RedisBackend {
                     "a manual clock needs a standalone server".into(),
                 ))
             }
-        };
-        integers(script.name(), reply)
+        })
     }
 }
 
@@ -129,22 +154,25 @@ fn epoch_arg(ticket: TicketRef) -> String {
     ticket.epoch.map(|e| e.to_string()).unwrap_or_default()
 }
 
-/// lua/issue.lua's reply: { ticket, epoch, now_serving, head_remaining_ms, fence }.
-pub(crate) fn decode_issue(reply: &[i64]) -> Result<Issued> {
+/// lua/issue.lua's reply: { ticket, epoch, now_serving, head_remaining_ms, fence },
+/// all -1 when a cancel came first.
+pub(crate) fn decode_issue(reply: &[i64]) -> Result<Option<Issued>> {
     match *reply {
+        [-1, -1, -1, -1, -1] => Ok(None),
         [ticket, epoch, now_serving, head, fence]
             if ticket >= 0
                 && epoch >= 0
                 && now_serving >= 0
+                && now_serving <= ticket
                 && (fence >= 0) == (ticket == now_serving) =>
         {
-            Ok(Issued {
+            Ok(Some(Issued {
                 ticket: ticket as u64,
                 epoch: epoch as u64,
                 now_serving: now_serving as u64,
                 head_remaining: ms(head),
                 fence: number(fence),
-            })
+            }))
         }
         _ => Err(shape("issue", reply)),
     }
@@ -153,8 +181,9 @@ pub(crate) fn decode_issue(reply: &[i64]) -> Result<Issued> {
 /// lua/poll.lua's reply: { status, now_serving, ahead, head_remaining_ms, own_remaining_ms, fence }.
 pub(crate) fn decode_poll(reply: &[i64]) -> Result<Polled> {
     match *reply {
-        [1, _, _, _, _, fence] if fence >= 0 => Ok(Polled::Served {
+        [1, _, _, _, own, fence] if fence >= 0 && own >= 0 => Ok(Polled::Served {
             fence: fence as u64,
+            remaining: Duration::from_millis(own as u64),
         }),
         [-1, _, _, _, _, _] => Ok(Polled::Gone),
         [0, _, ahead, head, own, _] if ahead >= 0 && own >= 0 => Ok(Polled::Waiting {
@@ -177,19 +206,41 @@ pub(crate) fn decode_release(reply: &[i64]) -> Result<Released> {
     }
 }
 
-/// lua/read.lua's reply: { exists, next, epoch, live, number, remaining_ms, ... }.
+/// lua/cancel.lua's reply: { found, ticket }.
+pub(crate) fn decode_cancel(reply: &[i64]) -> Result<Option<u64>> {
+    match *reply {
+        [1, ticket] if ticket >= 0 => Ok(Some(ticket as u64)),
+        [0, -1] => Ok(None),
+        _ => Err(shape("cancel", reply)),
+    }
+}
+
+/// lua/read.lua's reply: { exists, next, epoch, live, then number, remaining_ms,
+/// lease_ms, liveness_ms per ticket }.
 pub(crate) fn decode_read(reply: &[i64]) -> Result<Option<Record>> {
     match reply {
         [0] => Ok(None),
         [1, next, epoch, live, rest @ ..]
-            if *next >= 0 && *epoch >= 0 && *live >= 0 && rest.len() % 2 == 0 =>
+            if *next >= 0 && *epoch >= 0 && *live >= 0 && rest.len() % 4 == 0 =>
         {
             let tickets = rest
-                .chunks_exact(2)
-                .map(|pair| match (number(pair[0]), ms(pair[1])) {
-                    (Some(n), Some(left)) => Ok(Ticket::new(n, left)),
-                    _ => Err(shape("read", reply)),
-                })
+                .chunks_exact(4)
+                .map(
+                    |t| match (number(t[0]), ms(t[1]), number(t[2]), number(t[3])) {
+                        (Some(n), Some(left), Some(0), Some(0)) => Ok(Ticket::new(n, left)),
+                        (Some(n), Some(left), Some(lease), Some(liveness))
+                            if lease > 0 && liveness > 0 =>
+                        {
+                            Ok(Ticket::renewing(
+                                n,
+                                left,
+                                Duration::from_millis(lease),
+                                Duration::from_millis(liveness),
+                            ))
+                        }
+                        _ => Err(shape("read", reply)),
+                    },
+                )
                 .collect::<Result<Vec<_>>>()?;
             Ok(Some(Record {
                 next: *next as u64,
@@ -230,13 +281,89 @@ fn decode_single(script: &str, reply: &[i64]) -> Result<i64> {
     }
 }
 
+/// lua/inspect.lua's reply: eleven integers, then per ticket four integers
+/// and the request id (a string, "" for none).
+pub(crate) fn decode_inspect(reply: Value) -> Result<Inspection> {
+    let bad = |why: &str| {
+        Fault::Reply(format!(
+            "inspect.lua replied something else than its contract: {why}"
+        ))
+    };
+    let Value::Array(items) = reply else {
+        return Err(bad("not an array"));
+    };
+    let int = |v: &Value| match v {
+        Value::Int(i) => Ok(*i),
+        _ => Err(bad("a field is not an integer")),
+    };
+    if items.len() < 11 || (items.len() - 11) % 5 != 0 {
+        return Err(bad("wrong length"));
+    }
+    let head: Vec<i64> = items[..11].iter().map(int).collect::<Result<_>>()?;
+    let ttl = ms(head[7]);
+    let cancelled = number(head[10]).ok_or_else(|| bad("cancelled < 0"))?;
+    if head[0] == 0 {
+        return Ok(Inspection {
+            record: None,
+            ttl,
+            cancelled_requests: cancelled,
+        });
+    }
+    let field = |i: usize, what: &str| number(head[i]).ok_or_else(|| bad(what));
+    let tickets = items[11..]
+        .chunks_exact(5)
+        .map(|t| {
+            let request = match &t[4] {
+                Value::BulkString(b) if b.is_empty() => None,
+                Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+                _ => return Err(bad("a request id is not a string")),
+            };
+            let positive = |v: i64| number(v).filter(|&n| n > 0).map(Duration::from_millis);
+            Ok(InspectedTicket {
+                number: number(int(&t[0])?).ok_or_else(|| bad("ticket < 0"))?,
+                remaining_ms: int(&t[1])?,
+                lease: positive(int(&t[2])?),
+                dead_waiter_timeout: positive(int(&t[3])?),
+                request,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Inspection {
+        record: Some(InspectedRecord {
+            next: field(1, "next < 0")?,
+            epoch: field(2, "epoch < 0")?,
+            head: number(head[3]),
+            served: number(head[4]),
+            fence: number(head[5]),
+            granted_ago: ms(head[6]),
+            live: field(8, "live < 0")?,
+            expired: field(9, "expired < 0")?,
+            tickets,
+        }),
+        ttl,
+        cancelled_requests: cancelled,
+    })
+}
+
 impl Backend for RedisBackend {
-    async fn issue(&self, cid: &str, lifetime_ms: u64, liveness_ms: Option<u64>) -> Result<Issued> {
+    async fn issue(
+        &self,
+        cid: &str,
+        lifetime_ms: u64,
+        liveness_ms: Option<u64>,
+        request: Option<&str>,
+    ) -> Result<Option<Issued>> {
         let args = [
             lifetime_ms.to_string(),
             liveness_ms.map(|l| l.to_string()).unwrap_or_default(),
+            request.unwrap_or_default().to_owned(),
         ];
         decode_issue(&self.run(&scripts::ISSUE, cid, &args).await?)
+    }
+
+    async fn cancel(&self, cid: &str, request: &str, remember_ms: u64) -> Result<Option<u64>> {
+        let args = [request.to_owned(), remember_ms.to_string()];
+        decode_cancel(&self.run(&scripts::CANCEL, cid, &args).await?)
     }
 
     async fn extend(
@@ -255,11 +382,21 @@ impl Backend for RedisBackend {
         decode_poll(&self.run(&scripts::POLL, cid, &args).await?)
     }
 
-    async fn release(&self, cid: &str, ticket: TicketRef, mode: ReleaseMode) -> Result<Released> {
+    async fn release(
+        &self,
+        cid: &str,
+        ticket: TicketRef,
+        mode: ReleaseMode,
+        by: Remover,
+    ) -> Result<Released> {
         let args = [
             ticket.number.to_string(),
             mode.as_str().to_owned(),
             epoch_arg(ticket),
+            match by {
+                Remover::Owner => "owner".to_owned(),
+                Remover::Admin => String::new(),
+            },
         ];
         decode_release(&self.run(&scripts::RELEASE, cid, &args).await?)
     }
@@ -270,12 +407,14 @@ impl Backend for RedisBackend {
     }
 
     async fn save(&self, lock: &TicketLock) -> Result<Option<u64>> {
-        let mut args = Vec::with_capacity(1 + 2 * lock.tickets().len());
+        let mut args = Vec::with_capacity(1 + 4 * lock.tickets().len());
         args.push(lock.next_number().to_string());
         for t in lock.tickets() {
             args.push(t.number().to_string());
             // Round up like lifetimes do: a positive remainder never becomes "expired".
-            args.push(t.expires_in().as_nanos().div_ceil(1_000_000).to_string());
+            args.push(ceil_ms(t.expires_in()).to_string());
+            args.push(t.lease().map_or(0, ceil_ms).to_string());
+            args.push(t.dead_waiter_timeout().map_or(0, ceil_ms).to_string());
         }
         let reply = self
             .run(&scripts::SAVE, lock.conversation_id(), &args)
@@ -291,8 +430,13 @@ impl Backend for RedisBackend {
         decode_update(&self.run(&scripts::UPDATE, cid, &[]).await?)
     }
 
+    async fn inspect(&self, cid: &str, limit: Option<u64>) -> Result<Inspection> {
+        let limit = limit.map_or("-1".to_owned(), |l| l.to_string());
+        decode_inspect(self.run_raw(&scripts::INSPECT, cid, &[limit]).await?)
+    }
+
     async fn subscribe(&self, cid: &str) -> Result<Subscription> {
-        let channel = self.keys.meta(cid);
+        let channel = self.keys.key(cid);
         let (notices, server) = self.notifier.join(&channel);
         // Built before the first await, so a cancelled subscribe still leaves.
         let subscription = Subscription {
@@ -355,15 +499,36 @@ mod tests {
         assert!(decode_issue(&[]).is_err());
         assert!(decode_issue(&[-1, 0, 0, 0, -1]).is_err());
         assert!(decode_issue(&[1, 0, 1, 0, -1]).is_err());
+        assert!(decode_issue(&[1, 0, 2, 0, -1]).is_err());
+        assert_eq!(decode_issue(&[-1, -1, -1, -1, -1]).unwrap(), None);
         assert!(decode_poll(&[7, 0, 0, 0, 0, -1]).is_err());
         assert!(decode_poll(&[0, 0, -3, 0, 5, -1]).is_err());
         assert!(decode_poll(&[1, 0, 0, 0, 5, -1]).is_err());
+        assert!(decode_poll(&[1, 0, 0, 0, -1, 9]).is_err());
         assert!(decode_extend(&[1, -1]).is_err());
         assert!(decode_release(&[2, 0]).is_err());
+        assert!(decode_cancel(&[1, -1]).is_err());
+        assert!(decode_cancel(&[0, 3]).is_err());
         assert!(decode_read(&[1, 0, 0, 0, 5]).is_err());
-        assert!(decode_read(&[1, 0, 0, 1, -5, 3]).is_err());
+        assert!(decode_read(&[1, 0, 0, 1, -5, 3, 0, 0]).is_err());
+        assert!(decode_read(&[1, 0, 0, 1, 5, 3, 10, 0]).is_err());
         assert!(decode_update(&[-1, 0]).is_err());
+        assert!(decode_inspect(Value::Array(vec![Value::Int(1)])).is_err());
         assert_eq!(decode_read(&[0]).unwrap(), None);
+        assert_eq!(
+            decode_read(&[1, 2, 7, 1, 1, 30, 100, 50]).unwrap(),
+            Some(Record {
+                next: 2,
+                epoch: 7,
+                live: 1,
+                tickets: vec![Ticket::renewing(
+                    1,
+                    Duration::from_millis(30),
+                    Duration::from_millis(100),
+                    Duration::from_millis(50)
+                )],
+            })
+        );
         assert_eq!(
             decode_poll(&[0, 3, 2, 10, 50, -1]).unwrap(),
             Polled::Waiting {

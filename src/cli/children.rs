@@ -16,8 +16,9 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
+use super::handlers::{open_shared, open_store, run_handlers};
+use super::plan::Plan;
 use super::report::Samples;
-use super::simulate::{open_shared, open_store, run_handlers, Plan};
 use super::state::Shared;
 use super::{print_out, CliError};
 
@@ -53,7 +54,7 @@ impl Worker {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         // Through the environment, so no password shows in the process list.
-        match &plan.redis {
+        match &plan.redis_url {
             Some(url) => command.env("REDIS_URL", url),
             None => command.env_remove("REDIS_URL"),
         };
@@ -175,9 +176,11 @@ fn child_args(plan: &Plan, index: u32) -> Vec<String> {
         format!("--conversations={}", plan.conversations),
         format!("--messages={}", plan.messages),
         format!("--hold={}", plan.hold.as_millis()),
-        format!("--lifetime={}", plan.lifetime.as_secs_f64()),
     ];
-    if let Some(prefix) = &plan.key_prefix {
+    if let Some(lifetime) = plan.lifetime {
+        args.push(format!("--lifetime={}", lifetime.as_secs_f64()));
+    }
+    if let Some(prefix) = plan.redis.as_ref().and_then(|c| c.key_prefix.as_ref()) {
         args.push(format!("--key-prefix={prefix}"));
     }
     if plan.no_lock {

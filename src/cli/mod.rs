@@ -2,7 +2,9 @@
 
 mod children;
 mod connect;
+mod handlers;
 mod inspect;
+mod plan;
 mod report;
 mod scripts;
 mod simulate;
@@ -14,22 +16,23 @@ use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 use clap::{Parser, Subcommand};
-use ticketlock::LockError;
+use ticketlock::{LockError, StoreConfig, StoreType};
 
 /// Exit codes, shown at the end of `--help`.
 pub(crate) const EXIT_CODES: &str = "\
 Exit codes:
   0    done; simulate: every invariant held (FIFO order, mutual exclusion, no lost
        update, no lock error)
-  1    simulate: an invariant broke (order violations, overlaps, lost updates or lock
-       errors > 0); inspect: the conversation's keys hold foreign or inconsistent
+  1    simulate: an invariant broke (order violations, overlaps, lost updates, or lock
+       errors that are not the store failing); inspect: the conversation's keys hold foreign or inconsistent
        data; scripts load: Redis computed another SHA1 than ticketlock
   2    bad arguments or configuration (one line on stderr): a usage error, an invalid
        conversation id or key prefix, an invalid TICKET_LOCK_LIFETIME, no --redis
        where one is needed
-  3    the store could not be created or reached (unreachable Redis, malformed or
-       unsupported URL), or a child process failed
-  130  interrupted (Ctrl-C)";
+  3    the store could not be created, reached or used (unreachable, stalled or
+       failing Redis; malformed or unsupported URL), or a child process failed
+  130  interrupted (SIGINT, Ctrl-C); simulate first removes its run's keys
+  143  terminated (SIGTERM); simulate first removes its run's keys";
 
 /// Strictly FIFO, expiring per-conversation ticket locks over Redis or in memory.
 #[derive(Debug, Parser)]
@@ -47,7 +50,7 @@ pub(crate) struct Cli {
 enum Command {
     /// Play a multi-instance chatbot fleet against the lock and check that
     /// every conversation's messages are handled one at a time, in ticket order.
-    Simulate(simulate::SimulateArgs),
+    Simulate(plan::SimulateArgs),
     /// Show one conversation's queue in Redis as it stands (read-only): every
     /// ticket in serving order, who is served, its fencing token, the keys' TTLs.
     Inspect(inspect::InspectArgs),
@@ -114,6 +117,7 @@ impl CliError {
     pub(crate) const USAGE: u8 = 2;
     pub(crate) const STORE: u8 = 3;
     pub(crate) const INTERRUPTED: u8 = 130;
+    pub(crate) const TERMINATED: u8 = 143;
 
     /// Bad arguments (exit 2).
     pub(crate) fn usage(message: impl Into<String>) -> Self {
@@ -131,11 +135,19 @@ impl CliError {
         }
     }
 
-    /// Ctrl-C (exit 130).
+    /// SIGINT, Ctrl-C (exit 130).
     pub(crate) fn interrupted() -> Self {
         CliError {
             code: Self::INTERRUPTED,
             message: "interrupted".into(),
+        }
+    }
+
+    /// SIGTERM (exit 143).
+    pub(crate) fn terminated() -> Self {
+        CliError {
+            code: Self::TERMINATED,
+            message: "terminated".into(),
         }
     }
 
@@ -151,37 +163,50 @@ impl fmt::Display for CliError {
     }
 }
 
+/// Where the lock's keys are, as every subcommand that reads or writes
+/// them takes it.
+#[derive(Debug, clap::Args)]
+pub(crate) struct StoreArgs {
+    /// Redis: redis://[user:password@]host[:port][/db], rediss://... (TLS),
+    /// redis+cluster://..., redis+sentinel://... ; simulate runs in memory
+    /// without it (or with an empty value, or memory://).
+    #[arg(long, value_name = "URL", env = "REDIS_URL", hide_env_values = true)]
+    pub(crate) redis: Option<String>,
+
+    /// ASCII-alphanumeric prefix of the lock's keys (<PREFIX>:lock:...;
+    /// default lock:...). Only with Redis.
+    #[arg(long, value_name = "PREFIX")]
+    pub(crate) key_prefix: Option<String>,
+}
+
+/// `--redis` / `REDIS_URL`, parsed by the library (the one URL grammar):
+/// `None` for the in-memory store (no value, an empty one, or `memory://`).
+/// A malformed or unsupported URL is exit 3, as documented; the error never
+/// shows the URL's credentials.
+pub(crate) fn redis_config(redis: Option<&str>) -> Result<Option<StoreConfig>, CliError> {
+    let Some(url) = redis.filter(|url| !url.trim().is_empty()) else {
+        // An empty REDIS_URL is an unset one.
+        return Ok(None);
+    };
+    let config = StoreConfig::from_url(url).map_err(|e| CliError::store(e.to_string()))?;
+    Ok((config.store_type == StoreType::Redis).then_some(config))
+}
+
 /// What creating a store failed with, as an exit code. A rejected setting
 /// (TICKET_LOCK_LIFETIME, key prefix, socket timeout) is bad input: exit 2.
 /// Everything about the address (a malformed or unsupported URL, as
 /// documented, whatever part of it the library names) and every failure to
 /// reach the server: exit 3.
-pub(crate) fn store_error(url: &str, error: LockError) -> CliError {
+pub(crate) fn store_error(config: &StoreConfig, error: LockError) -> CliError {
     match error {
         LockError::InvalidInput {
             what: "TICKET_LOCK_LIFETIME" | "key prefix" | "socket timeout" | "lifetime",
             ..
         } => CliError::usage(error.to_string()),
-        // Already names the (redacted) URL and what is wrong with it.
+        // Already says what is wrong with the configuration.
         LockError::InvalidInput { .. } => CliError::store(error.to_string()),
-        e => CliError::store(format!("cannot connect to {}: {e}", redact_url(url))),
+        e => CliError::store(format!("cannot connect to {config}: {e}")),
     }
-}
-
-/// `--key-prefix`: what the library accepts (it becomes `<PREFIX>:lock:`).
-pub(crate) fn parse_prefix(text: &str) -> Result<String, String> {
-    if text.is_empty() || !text.chars().all(|c| c.is_ascii_alphanumeric()) {
-        return Err("it must be non-empty and ASCII alphanumeric (A-Z, a-z, 0-9)".into());
-    }
-    Ok(text.to_owned())
-}
-
-/// An empty URL or `memory://` (the library's spellings) selects the in-memory store.
-pub(crate) fn is_memory_url(url: &str) -> bool {
-    matches!(
-        url.trim(),
-        "" | "memory" | "memory://" | "in_memory" | "in_memory://"
-    )
 }
 
 /// `ticketlock: <message>` on stderr; never panics (a closed stderr is ignored).
@@ -196,8 +221,10 @@ pub(crate) fn print_out(text: &str) {
     let _ = out.flush();
 }
 
-/// Log output on stderr: warnings by default, `ticketlock=debug` with `-v`,
-/// `ticketlock=trace,debug` with `-vv`; a non-empty `RUST_LOG` replaces all that.
+/// Log output on stderr: ticketlock's warnings (and other crates' errors)
+/// by default, so a failure stays one line even when redis-rs warns about
+/// every node it could not reach; `warn,ticketlock=debug` with `-v`,
+/// `debug,ticketlock=trace` with `-vv`; a non-empty `RUST_LOG` replaces all that.
 pub(crate) fn init_tracing(verbose: u8) {
     use tracing_subscriber::EnvFilter;
     let filter = match std::env::var("RUST_LOG") {
@@ -205,7 +232,7 @@ pub(crate) fn init_tracing(verbose: u8) {
             EnvFilter::builder().parse_lossy(directives)
         }
         _ => EnvFilter::new(match verbose {
-            0 => "warn",
+            0 => "error,ticketlock=warn",
             1 => "warn,ticketlock=debug",
             _ => "debug,ticketlock=trace",
         }),
@@ -234,37 +261,26 @@ pub(crate) fn install_panic_hook() {
     }));
 }
 
-/// `user:password@` in a URL becomes `user:<redacted>@`, so a URL can be shown.
-/// Everything up to the last `@` counts as credentials: when in doubt, hide more.
-pub(crate) fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    match rest.rsplit_once('@') {
-        Some((auth, host)) => match auth.split_once(':') {
-            Some((user, _)) if !user.contains('/') => {
-                format!("{scheme}://{user}:<redacted>@{host}")
-            }
-            _ => format!("{scheme}://<redacted>@{host}"),
-        },
-        None => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn urls_lose_their_secrets() {
-        assert_eq!(
-            redact_url("redis://u:pw@h:1/2"),
-            "redis://u:<redacted>@h:1/2"
-        );
-        assert_eq!(redact_url("redis://:p@w@h"), "redis://:<redacted>@h");
-        assert_eq!(redact_url("rediss://tok@h"), "rediss://<redacted>@h");
-        assert_eq!(redact_url("redis://u:a/b@h"), "redis://u:<redacted>@h");
-        assert_eq!(redact_url("http://x"), "http://x");
+    fn redis_urls_are_parsed_by_the_library_and_shown_without_secrets() {
+        for memory in [None, Some(""), Some("  "), Some("memory://")] {
+            assert!(redis_config(memory).unwrap().is_none(), "{memory:?}");
+        }
+        let config = redis_config(Some("rediss://tok@h")).unwrap().unwrap();
+        assert_eq!(config.to_string(), "rediss://<redacted>@h:6379/0");
+        for bad in [
+            "127.0.0.1:6379",
+            "user:s3cret@127.0.0.1:6379",
+            "redis//:s3cret@h",
+        ] {
+            let e = redis_config(Some(bad)).unwrap_err();
+            assert_eq!(e.code, CliError::STORE);
+            assert!(!e.message.contains("s3cret"), "{e}");
+        }
     }
 
     #[test]

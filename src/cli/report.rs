@@ -18,6 +18,10 @@ pub(crate) struct Samples {
     pub(crate) overlaps: u64,
     /// The first error's message.
     pub(crate) first_error: Option<String>,
+    /// The first failure of the store itself (Redis unreachable, stalled,
+    /// refusing): the run stopped there, and nothing it measured counts.
+    #[serde(default)]
+    pub(crate) store_failure: Option<String>,
     /// From calling `lock_with` to holding the lock, ns.
     pub(crate) wait_ns: Vec<u64>,
     /// From the previous holder starting to release to this waiter holding
@@ -33,7 +37,16 @@ impl Samples {
         }
     }
 
+    pub(crate) fn store_failed(&mut self, message: String) {
+        if self.store_failure.is_none() {
+            self.store_failure = Some(message);
+        }
+    }
+
     pub(crate) fn merge(&mut self, other: Samples) {
+        if self.store_failure.is_none() {
+            self.store_failure = other.store_failure;
+        }
         self.handled += other.handled;
         self.errors += other.errors;
         self.overlaps += other.overlaps;

@@ -12,8 +12,8 @@ use redis::Value;
 use serde::Serialize;
 use ticketlock::{functions_library, lua_scripts, LuaScript, LIBRARY_NAME};
 
-use super::connect::{connect, required_url};
-use super::{print_error, print_out, redact_url, CliError, EXIT_CODES};
+use super::connect::{connect, required_config};
+use super::{print_error, print_out, CliError, EXIT_CODES};
 
 /// Arguments of `ticketlock scripts`.
 #[derive(Debug, clap::Args)]
@@ -26,7 +26,7 @@ pub(crate) struct ScriptsArgs {
 #[derive(Debug, clap::Subcommand)]
 enum ScriptsCommand {
     /// Print every operation's complete script, each after a header line
-    /// `-- ticketlock_v1: <name> sha1 <sha>`; the SHA1 is that of the code
+    /// `-- ticketlock_v2: <name> sha1 <sha>`; the SHA1 is that of the code
     /// after the header line (what EVALSHA wants).
     #[command(after_help = EXIT_CODES)]
     Show(ShowArgs),
@@ -165,9 +165,9 @@ struct LibraryJson {
 }
 
 async fn load(args: &LoadArgs) -> Result<ExitCode, CliError> {
-    let url = required_url(args.redis.as_deref(), "scripts load")?;
-    let shown = redact_url(&url);
-    let mut conn = connect(&url).await?;
+    let config = required_config(args.redis.as_deref(), "scripts load")?;
+    let shown = config.to_string();
+    let mut conn = connect(&config).await?;
 
     let mut lines = String::new();
     let mut mismatches = Vec::new();

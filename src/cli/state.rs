@@ -1,16 +1,19 @@
 //! What the simulated handlers share besides the lock: the probes that tell
 //! whether the lock did its job. In memory for one process; in Redis, under
 //! `sim:<run id>:{<conversation id>}:...`, when several processes take part.
+//! Every probe key expires [`PROBE_TTL`] after its last write, so a run that
+//! dies without cleaning up (SIGKILL, a lost Redis) leaves nothing for good.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::aio::MultiplexedConnection;
-use redis::AsyncConnectionConfig;
+use ticketlock::{LockError, StoreConfig};
 
-/// Bound on connecting and on every command of the probe connection.
-const REDIS_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a probe key outlives its last write; a run touches each key at
+/// least once per message of the conversation, and a hold is at most an hour.
+pub(crate) const PROBE_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Conversations per pipeline when reading results or deleting keys.
 const CHUNK: usize = 500;
 
@@ -83,6 +86,10 @@ impl Keys {
     }
 }
 
+fn ttl_ms() -> u64 {
+    PROBE_TTL.as_millis() as u64
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
@@ -97,17 +104,11 @@ impl Shared {
     /// A plain connection of its own (not the lock's), so the probes never
     /// share a queue with the lock's commands.
     pub(crate) async fn redis(
-        url: &str,
+        config: &StoreConfig,
         run_id: &str,
         conversation_ids: &[String],
-    ) -> redis::RedisResult<Self> {
-        let client = redis::Client::open(url)?;
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(REDIS_TIMEOUT))
-            .set_response_timeout(Some(REDIS_TIMEOUT));
-        let conn = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
+    ) -> Result<Self, LockError> {
+        let conn = ticketlock::__cli::connection(config).await?;
         let keys = conversation_ids
             .iter()
             .map(|cid| Keys::new(run_id, cid))
@@ -133,6 +134,8 @@ impl Shared {
                 let k = &r.keys[c];
                 let (inside, counter, released_at): (i64, Option<u64>, Option<u64>) = redis::pipe()
                     .incr(&k.inside, 1)
+                    .pexpire(&k.inside, ttl_ms() as i64)
+                    .ignore()
                     .get(&k.counter)
                     .get(&k.released_at)
                     .query_async(&mut r.conn.clone())
@@ -163,9 +166,11 @@ impl Shared {
             Shared::Redis(r) => {
                 let k = &r.keys[c];
                 redis::pipe()
-                    .set(&k.counter, counter)
+                    .pset_ex(&k.counter, counter, ttl_ms())
                     .ignore()
                     .rpush(&k.grants, ticket)
+                    .ignore()
+                    .pexpire(&k.grants, ttl_ms() as i64)
                     .ignore()
                     .query_async(&mut r.conn.clone())
                     .await
@@ -186,8 +191,9 @@ impl Shared {
             Shared::Redis(r) => {
                 let k = &r.keys[c];
                 redis::pipe()
-                    .set(&k.released_at, now_ns())
+                    .pset_ex(&k.released_at, now_ns(), ttl_ms())
                     .ignore()
+                    // Keeps the expiry INCR's key got on entering.
                     .decr(&k.inside, 1)
                     .ignore()
                     .query_async(&mut r.conn.clone())
