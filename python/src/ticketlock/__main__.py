@@ -1,0 +1,7 @@
+"""``python -m ticketlock``: see ``python -m ticketlock --help``."""
+
+import sys
+
+from ._cli import main
+
+sys.exit(main())
