@@ -175,6 +175,10 @@ async fn inspect_shows_the_holder_and_the_waiters_in_order() {
     assert!(u(&tickets[0], "lease_ms") > 0, "{v}");
     assert!(u(&tickets[0], "liveness_ms") > 0, "{v}");
     assert_eq!(tickets[0]["deadline"], "lease", "{v}");
+    assert!(
+        tickets[0]["request"].is_string(),
+        "lock's issue carries a request id: {v}"
+    );
     for t in &tickets[1..] {
         assert_eq!(t["kind"], "fixed", "{v}");
         let left = t["remaining_ms"].as_i64().expect("remaining_ms");
@@ -189,16 +193,14 @@ async fn inspect_shows_the_holder_and_the_waiters_in_order() {
     assert_eq!(u(&v, "last_fence"), guard.fencing_token(), "{v}");
 
     let meta = format!("{prefix}:lock:{{{cid}}}");
-    for (role, name, kind) in [
-        ("meta", meta.clone(), "hash"),
-        ("queue", format!("{meta}:q"), "zset"),
-        ("expiry", format!("{meta}:e"), "zset"),
-    ] {
-        let key = &v["keys"][role];
-        assert_eq!(key["name"], name.as_str(), "{v}");
-        assert_eq!(key["type"], kind, "{v}");
-        assert!(key["pttl_ms"].as_i64().is_some_and(|ms| ms > 0), "{v}");
-    }
+    assert_eq!(v["key"]["name"], meta.as_str(), "{v}");
+    // The latest expiry (the lease, 60 s) plus the 1 s margin.
+    assert!(
+        v["key"]["pttl_ms"]
+            .as_i64()
+            .is_some_and(|ms| ms > 55_000 && ms <= 61_000),
+        "{v}"
+    );
 
     // The table says the same for humans.
     let run = ticketlock_async(args(&[
@@ -236,9 +238,11 @@ async fn inspect_shows_the_holder_and_the_waiters_in_order() {
         assert_eq!(row[1], i.to_string(), "{}", run.stdout);
         assert_eq!(row[2], state, "{}", run.stdout);
     }
-    for key in [&meta, &format!("{meta}:q"), &format!("{meta}:e")] {
-        assert!(run.stdout.contains(key.as_str()), "{key} in {}", run.stdout);
-    }
+    assert!(
+        run.stdout.contains(meta.as_str()),
+        "{meta} in {}",
+        run.stdout
+    );
 
     guard.release().await.expect("release");
     store.cleanup(cid, 1).await.expect("cleanup 1");
@@ -277,15 +281,13 @@ async fn inspect_finds_the_keys_of_unusual_ids() {
     assert_eq!(u(&v["tickets"][0], "number"), 0, "{v}");
     assert_eq!(v["served"]["ticket"], 0, "{v}");
     let meta = format!("{prefix}:lock:{{%7Da%7Bb%25c:d é 会話 🎉}}");
-    assert_eq!(v["keys"]["meta"]["name"], meta.as_str(), "{v}");
+    assert_eq!(v["key"]["name"], meta.as_str(), "{v}");
     // That is the key the library wrote, not merely what inspect expects.
     let exists: i64 = redis::cmd("EXISTS")
         .arg(&meta)
-        .arg(format!("{meta}:q"))
-        .arg(format!("{meta}:e"))
         .query(&mut connection(&url))
         .expect("EXISTS");
-    assert_eq!(exists, 3);
+    assert_eq!(exists, 1);
 
     let table = ticketlock_async(args(&[
         "inspect",
@@ -399,8 +401,7 @@ fn inspect_of_an_unknown_conversation_says_no_record() {
     assert_eq!(v["exists"], false, "{v}");
     assert_eq!(u(&v, "depth"), 0, "{v}");
     assert_eq!(v["tickets"], serde_json::json!([]), "{v}");
-    assert_eq!(v["keys"]["meta"]["type"], "none", "{v}");
-    assert_eq!(v["keys"]["meta"]["pttl_ms"], -2, "{v}");
+    assert_eq!(v["key"]["pttl_ms"], Value::Null, "{v}");
 }
 
 /// Keys that ticketlock did not write: shown, and exit 1.
@@ -408,7 +409,7 @@ fn inspect_of_an_unknown_conversation_says_no_record() {
 fn inspect_reports_foreign_data() {
     let url = support::redis_url();
     let prefix = support::unique_prefix("inspect");
-    let key = format!("{prefix}:lock:{{foreign}}:q");
+    let key = format!("{prefix}:lock:{{foreign}}");
     let _: () = redis::cmd("SET")
         .arg(&key)
         .arg("x")
@@ -429,8 +430,20 @@ fn inspect_reports_foreign_data() {
     run.assert_one_error_line();
     assert!(run.stderr.contains("holds a string"), "{run:#?}");
     let v = run.json();
-    assert_eq!(v["keys"]["queue"]["type"], "string", "{v}");
-    assert!(!v["problems"].as_array().unwrap().is_empty(), "{v}");
+    assert_eq!(v["exists"], false, "{v}");
+    assert!(
+        v["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("holds a string"),
+        "{v}"
+    );
+    // Nothing was written.
+    let value: String = redis::cmd("GET")
+        .arg(&key)
+        .query(&mut connection(&url))
+        .expect("GET");
+    assert_eq!(value, "x");
 }
 
 #[test]
@@ -495,7 +508,7 @@ fn scripts_show_prints_every_script_with_its_sha() {
     for (script, (header, code)) in lua_scripts().iter().zip(&shown) {
         assert_eq!(
             header,
-            &format!("-- ticketlock_v1: {} sha1 {}", script.name(), script.sha())
+            &format!("-- {LIBRARY_NAME}: {} sha1 {}", script.name(), script.sha())
         );
         // Byte for byte what the SHA1 is computed over.
         assert_eq!(
@@ -506,7 +519,8 @@ fn scripts_show_prints_every_script_with_its_sha() {
         );
     }
     for name in [
-        "issue", "poll", "release", "read", "save", "delete", "update", "extend",
+        "issue", "poll", "release", "read", "save", "delete", "update", "extend", "cancel",
+        "inspect",
     ] {
         assert!(
             shown
@@ -607,13 +621,10 @@ fn scripts_load_lets_any_client_call_the_scripts() {
 
     // By SHA, as redis-cli or Python would.
     let issue = lua_scripts().iter().find(|s| s.name() == "issue").unwrap();
-    let keys = |id: &str| {
-        let meta = format!("lock:{{{id}}}");
-        [meta.clone(), format!("{meta}:q"), format!("{meta}:e")]
-    };
+    let keys = |id: &str| [format!("lock:{{{id}}}")];
     let reply: Vec<i64> = redis::cmd("EVALSHA")
         .arg(issue.sha())
-        .arg(3)
+        .arg(1)
         .arg(&keys("raw-sha"))
         .arg(60000)
         .arg("")
@@ -624,7 +635,7 @@ fn scripts_load_lets_any_client_call_the_scripts() {
     // By function name.
     let reply: Vec<i64> = redis::cmd("FCALL")
         .arg(format!("{LIBRARY_NAME}_issue"))
-        .arg(3)
+        .arg(1)
         .arg(&keys("raw-fcall"))
         .arg(60000)
         .arg("")

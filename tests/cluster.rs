@@ -10,7 +10,6 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -280,7 +279,7 @@ async fn keys_live_on_the_owning_shard_with_ttls_and_vanish_after_release() {
         s.issue_ticket(cid, lifetime).await.unwrap();
     }
     let keys = keys_everywhere(cluster, &prefix);
-    assert_eq!(keys.len(), 3 * ids.len(), "{keys:?}");
+    assert_eq!(keys.len(), ids.len(), "one key per conversation: {keys:?}");
     let owners: BTreeSet<u16> = keys.iter().map(|(port, _)| *port).collect();
     assert_eq!(owners.len(), 3, "keys on {owners:?}");
     for (port, key) in &keys {
@@ -420,8 +419,8 @@ async fn four_processes_on_three_shards_lose_no_update_and_fence_in_order() {
     let ids = ids_on_every_node(cluster, &prefix, 1);
     const PROCESSES: usize = 4;
     const SECTIONS: usize = 30;
-    let log_key = |cid: &str| format!("{prefix}:xlog:{{{cid}}}");
-    let counter_key = |cid: &str| format!("{prefix}:xcount:{{{cid}}}");
+    let log_key = |cid: &str| support::section_log_key(&prefix, cid);
+    let counter_key = |cid: &str| support::section_counter_key(&prefix, cid);
     // One conversation per shard, and its log and counter on that shard too.
     let owners: BTreeMap<&str, u16> = ids
         .iter()
@@ -438,58 +437,24 @@ async fn four_processes_on_three_shards_lose_no_update_and_fence_in_order() {
     }
 
     let url = cluster.url();
-    let (count, log_template, counter_template) =
-        (SECTIONS.to_string(), log_key("<cid>"), counter_key("<cid>"));
     let started = Instant::now();
-    let children: Vec<tokio::process::Child> = (0..PROCESSES)
-        .map(|_| {
-            let mut command = tokio::process::Command::new(support::example_binary("participant"));
-            command.args(["--redis", &url, "--prefix", &prefix]);
-            for cid in &ids {
-                command.args(["--conversation", cid]);
-            }
-            command
-                .args(["--role", "loop", "--count", &count, "--hold-ms", "1"])
-                .args(["--lifetime-ms", "15000", "--max-seconds", "100"])
-                .args(["--log-key", &log_template])
-                .args(["--counter-key", &counter_template])
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()
-                .expect("spawning a participant")
-        })
-        .collect();
+    let children = support::spawn_loopers(
+        PROCESSES,
+        &url,
+        &prefix,
+        &ids,
+        SECTIONS,
+        &["--hold-ms", "1", "--lifetime-ms", "15000"],
+    );
     let pids: Vec<u32> = children.iter().filter_map(|c| c.id()).collect();
-    let mut retries = 0;
-    for child in children {
-        let output = tokio::time::timeout(Duration::from_secs(110), child.wait_with_output())
-            .await
-            .expect("a participant did not finish in 110 s")
-            .expect("waiting for a participant");
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let transcript = format!(
-            "{stdout}\nstderr:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        assert!(
-            output.status.success(),
-            "a participant exited with {}:\n{transcript}",
-            output.status
-        );
-        assert!(
-            stdout
-                .lines()
-                .any(|l| l == format!("done {}", ids.len() * SECTIONS)),
-            "{transcript}"
-        );
-        // A failed call (retried) or a lost lease shows up here.
-        retries += stdout
-            .lines()
-            .filter(|l| l.starts_with("error ") || l.starts_with("expired "))
-            .count();
-    }
+    let transcripts =
+        support::finish_all(children, Duration::from_secs(110), ids.len() * SECTIONS).await;
+    // A failed call (retried) or a lost lease shows up here.
+    let retries = transcripts
+        .iter()
+        .flatten()
+        .filter(|l| l.starts_with("error ") || l.starts_with("expired "))
+        .count();
     let took = started.elapsed();
 
     // Consecutive sections of a conversation held by different processes.
@@ -502,37 +467,16 @@ async fn four_processes_on_three_shards_lose_no_update_and_fence_in_order() {
             "lost updates on {cid} (shard {port})"
         );
         let log = redis_cli(port, &["LRANGE", &log_key(cid), "0", "-1"]);
-        let entries: Vec<(&str, u64, u64, u32)> = log
-            .lines()
-            .map(|line| {
-                let f: Vec<&str> = line.split_whitespace().collect();
-                assert_eq!(f.len(), 5, "malformed log line {line:?} of {cid}");
-                let n = |i: usize| f[i].parse::<u64>().expect("a number");
-                (f[0], n(1), n(2), n(3) as u32)
-            })
-            .collect();
-        assert_eq!(entries.len(), 2 * PROCESSES * SECTIONS, "{cid}: {log}");
+        let sections = support::disjoint_sections(cid, &log);
+        assert_eq!(sections.len(), PROCESSES * SECTIONS, "{cid}: {log}");
         let mut per_pid: BTreeMap<u32, usize> = BTreeMap::new();
-        let mut last_fence = None;
-        let mut last_pid = None;
-        for pair in entries.chunks(2) {
-            let (grant, release) = (pair[0], pair[1]);
-            assert_eq!(grant.0, "grant", "{cid}: {pair:?}\n{log}");
-            assert_eq!(
-                (release.0, release.1, release.2, release.3),
-                ("release", grant.1, grant.2, grant.3),
-                "overlapping sections on {cid}: {pair:?}\n{log}"
-            );
-            assert!(
-                last_fence.is_none_or(|last| last < grant.2),
-                "fencing token not increasing on {cid}: {last_fence:?} then {pair:?}\n{log}"
-            );
-            last_fence = Some(grant.2);
-            if last_pid.is_some_and(|pid| pid != grant.3) {
+        for pair in sections.windows(2) {
+            if pair[0].pid != pair[1].pid {
                 switches += 1;
             }
-            last_pid = Some(grant.3);
-            *per_pid.entry(grant.3).or_default() += 1;
+        }
+        for section in &sections {
+            *per_pid.entry(section.pid).or_default() += 1;
         }
         assert_eq!(
             per_pid.keys().copied().collect::<BTreeSet<_>>(),
@@ -566,9 +510,9 @@ async fn scripts_and_the_library_reach_every_shard_and_come_back_after_a_flush()
     // FUNCTION LOAD went to every primary, as the sharded library.
     for port in cluster.ports() {
         let libs = redis_cli(port, &["FUNCTION", "LIST", "LIBRARYNAME", "ticketlock*"]);
-        assert!(libs.contains("ticketlock_v1s"), "node {port}: {libs}");
+        assert!(libs.contains("ticketlock_v2s"), "node {port}: {libs}");
         assert!(
-            !libs.lines().any(|l| l.trim() == "ticketlock_v1"),
+            !libs.lines().any(|l| l.trim() == "ticketlock_v2"),
             "node {port} has the classic library: {libs}"
         );
     }

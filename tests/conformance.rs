@@ -1,7 +1,7 @@
 //! One suite, every backend: each case runs against the in-memory store and
-//! against a real `redis-server` (started by `support`), once with EVALSHA and
-//! once with the Functions library, which is what proves the Lua scripts and
-//! the in-memory state machine keep the same rules.
+//! against a real `redis-server` and `valkey-server` (started by `support`),
+//! once with EVALSHA and once with the Functions library, which is what
+//! proves the Lua scripts and the in-memory state machine keep the same rules.
 
 mod support;
 
@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ticketlock::__testing::{with_faults, Injected, Op};
 use ticketlock::{LockError, LockOptions, LockStore, ScriptMode, StoreConfig, Ticket, TicketLock};
 
 /// "Promptly": far below the wait times and lifetimes the cases configure, so
@@ -55,7 +56,15 @@ impl Fixture {
     }
 
     async fn redis(mode: ScriptMode) -> Fixture {
-        let url = support::redis_url();
+        Self::standalone(support::redis_url(), mode).await
+    }
+
+    /// A `valkey-server` (Valkey 9, shared by this test binary).
+    async fn valkey(mode: ScriptMode) -> Fixture {
+        Self::standalone(support::valkey_url(), mode).await
+    }
+
+    async fn standalone(url: String, mode: ScriptMode) -> Fixture {
         let prefix = support::unique_prefix("conf");
         let mut config = StoreConfig::redis(url.clone());
         config.key_prefix = Some(prefix.clone());
@@ -132,6 +141,42 @@ impl Fixture {
         }
     }
 
+    /// A store that finds its master through a sentinel wanting a password
+    /// and TLS, in front of data nodes that want the same (one CA).
+    async fn secure_sentinel() -> Fixture {
+        let d = support::shared_secure_sentinel();
+        let prefix = support::unique_prefix("ssen");
+        let mut config = StoreConfig::redis("127.0.0.1");
+        config.deployment_mode = ticketlock::DeploymentMode::Sentinel;
+        config.endpoints = vec![d.sentinel.endpoint()];
+        config.sentinel_service = Some("mymaster".to_owned());
+        config.sentinel_password = Some(support::SECURE_SENTINEL_PASSWORD.to_owned());
+        config.sentinel_use_ssl = true;
+        config.password = Some(support::SECURE_DATA_PASSWORD.to_owned());
+        config.use_ssl = true;
+        config.ssl_ca_certs = Some(d.tls.ca_cert.clone());
+        config.key_prefix = Some(prefix.clone());
+        config.db = Some(0); // where the fixture's own client looks
+        let store = LockStore::create(Some(&config))
+            .await
+            .expect("connect through the TLS sentinel");
+        let certs = redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(std::fs::read(&d.tls.ca_cert).unwrap()),
+        };
+        let url = format!(
+            "rediss://:{}@127.0.0.1:{}/0",
+            support::SECURE_DATA_PASSWORD,
+            d.master.port()
+        );
+        let client = redis::Client::build_with_tls(url, certs).unwrap();
+        Fixture {
+            store,
+            redis: Some((client, format!("{prefix}:lock:"))),
+            nodes: Vec::new(),
+        }
+    }
+
     /// Every key under this fixture's prefix, with its TTL in ms.
     async fn keys(&self) -> Vec<(String, i64)> {
         let Some((client, prefix)) = &self.redis else {
@@ -186,8 +231,7 @@ impl Fixture {
 /// limited to the prefix by the fixture.
 const MINIMAL_ACL: &str = "-@all +fcall +fcall_ro +function|load +evalsha +script|load \
     +subscribe +unsubscribe +ping \
-    +time +type +hget +hmget +hset +hsetnx +hincrby +hdel +del +pexpireat \
-    +zadd +zrem +zrange +zrangebyscore +zscore +zrank +zcount +publish";
+    +time +hmget +hgetall +hset +hdel +del +pexpireat +publish +type +pttl";
 
 fn opts(lifetime: Duration) -> LockOptions {
     LockOptions::default()
@@ -217,7 +261,10 @@ macro_rules! conformance {
         suite!(on_redis_functions => super::Fixture::redis(ticketlock::ScriptMode::Functions); $($case),*);
         suite!(on_redis_acl => super::Fixture::redis_acl(ticketlock::ScriptMode::Auto); $($case),*);
         suite!(on_redis_acl_eval => super::Fixture::redis_acl(ticketlock::ScriptMode::Eval); $($case),*);
+        suite!(on_valkey => super::Fixture::valkey(ticketlock::ScriptMode::Eval); $($case),*);
+        suite!(on_valkey_functions => super::Fixture::valkey(ticketlock::ScriptMode::Functions); $($case),*);
         suite!(on_sentinel => super::Fixture::sentinel(); $($case),*);
+        suite!(on_secure_sentinel => super::Fixture::secure_sentinel(); $($case),*);
         suite!(on_cluster => super::Fixture::cluster(ticketlock::ScriptMode::Auto); $($case),*);
         suite!(on_cluster_eval => super::Fixture::cluster(ticketlock::ScriptMode::Eval); $($case),*);
     };
@@ -248,6 +295,16 @@ conformance!(
     bad_input_is_a_typed_error,
     hostile_ids_stay_apart,
     keys_carry_ttls_and_vanish_after_release,
+    a_snapshot_saved_back_unchanged_changes_nothing,
+    lost_fires_when_someone_removes_the_holders_ticket,
+    a_removed_waiter_learns_it_within_milliseconds,
+    a_holder_dead_before_its_pick_up_delays_the_queue_by_its_lease_only,
+    a_shorter_lease_is_announced_to_the_waiters,
+    a_cancelled_release_still_releases,
+    a_retryable_release_failure_is_retried_in_the_background,
+    a_failed_pick_up_is_retried_and_the_lease_kept,
+    ticket_numbers_stop_below_two_to_the_53,
+    fencing_tokens_grow_over_back_to_back_hand_overs,
 );
 
 async fn numbering_starts_at_zero_and_only_goes_up(f: Fixture) {
@@ -613,13 +670,17 @@ async fn only_the_holder_extends_and_auto_renew_keeps_the_lease(f: Fixture) {
 
     // Without renewal the lease lapses and lost() says so.
     drop(g2);
-    let g = s.lock_with("ex", short).await.unwrap();
+    // The lease is counted from the grant, conservatively (never past the
+    // store's end of it), so the clock starts before asking.
     let started = Instant::now();
+    let g = s.lock_with("ex", short).await.unwrap();
     tokio::time::timeout(PROMPT, g.lost())
         .await
         .expect("lost() never fired");
+    // Earlier than the lease by at most what the asking took (the deadline
+    // is counted from when the question was sent): generous on a busy machine.
     assert!(
-        started.elapsed() >= Duration::from_millis(250),
+        started.elapsed() >= Duration::from_millis(150),
         "{:?}",
         started.elapsed()
     );
@@ -719,7 +780,16 @@ async fn a_timeout_gives_the_ticket_back(f: Fixture) {
         .await
         .unwrap_err();
     let waited = start.elapsed();
-    assert!(matches!(err, LockError::Timeout { ticket: 1, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            LockError::Timeout {
+                ticket: Some(1),
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.is_retryable());
     assert!(
         waited >= Duration::from_millis(200) && waited < PROMPT,
@@ -918,11 +988,7 @@ async fn hostile_ids_stay_apart(f: Fixture) {
         assert_eq!(lock.conversation_id(), id);
     }
     if f.redis.is_some() {
-        assert_eq!(
-            f.keys().await.len(),
-            3 * ids.len(),
-            "three keys per conversation"
-        );
+        assert_eq!(f.keys().await.len(), ids.len(), "one key per conversation");
     }
     for g in guards {
         g.release().await.unwrap();
@@ -940,7 +1006,7 @@ async fn keys_carry_ttls_and_vanish_after_release(f: Fixture) {
     s.issue_ticket("ttl", Duration::from_secs(2)).await.unwrap();
     if f.redis.is_some() {
         let keys = f.keys().await;
-        assert_eq!(keys.len(), 3, "{keys:?}");
+        assert_eq!(keys.len(), 1, "{keys:?}");
         for (key, ttl) in keys {
             // Latest expiry (5 s) plus the 1 s margin, never longer, never unset.
             assert!(ttl > 4000 && ttl <= 6000, "{key} has TTL {ttl} ms");
@@ -951,28 +1017,487 @@ async fn keys_carry_ttls_and_vanish_after_release(f: Fixture) {
     f.assert_gone("ttl").await;
 }
 
+/// Waits until `cid` holds `n` live tickets.
+async fn queued(s: &LockStore, cid: &str, n: usize) {
+    let started = Instant::now();
+    while s
+        .get_lock(cid)
+        .await
+        .unwrap()
+        .map_or(0, |l| l.tickets().len())
+        < n
+    {
+        assert!(started.elapsed() < PROMPT, "{cid} never held {n} tickets");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Rasa's read-modify-write (`get_lock`, then `save_lock`) of an unchanged
+/// snapshot keeps every ticket's kind and terms and the current grant: the
+/// holder keeps its lease and token, the live waiters keep their places.
+async fn a_snapshot_saved_back_unchanged_changes_nothing(f: Fixture) {
+    let s = &f.store;
+    let dead_waiter = Duration::from_millis(600);
+    let patient = opts(LONG).with_dead_waiter_timeout(dead_waiter);
+    let holder = s.lock_with("sb", patient).await.unwrap();
+    let s2 = s.clone();
+    let waiter = tokio::spawn(async move { s2.lock_with("sb", patient).await });
+    queued(s, "sb", 2).await;
+    let fixed = s.issue_ticket("sb", LONG).await.unwrap();
+
+    let before = s.get_lock("sb").await.unwrap().unwrap();
+    let kinds: Vec<bool> = before.tickets().iter().map(Ticket::is_renewing).collect();
+    assert_eq!(kinds, [true, true, false], "{before:?}");
+    assert_eq!(before.tickets()[0].lease(), Some(LONG));
+    assert_eq!(before.tickets()[1].dead_waiter_timeout(), Some(dead_waiter));
+    s.save_lock(&before).await.unwrap();
+    let after = s.get_lock("sb").await.unwrap().unwrap();
+    assert_eq!(after.next_number(), before.next_number());
+    for (a, b) in after.tickets().iter().zip(before.tickets()) {
+        assert_eq!(
+            (a.number(), a.lease(), a.dead_waiter_timeout()),
+            (b.number(), b.lease(), b.dead_waiter_timeout())
+        );
+        assert!(
+            b.expires_in().saturating_sub(a.expires_in()) < PROMPT,
+            "{a:?} vs {b:?}"
+        );
+    }
+    // Well past the dead-waiter timeout: the live waiter still waits, the
+    // holder still holds with the same token and its whole lease.
+    tokio::time::sleep(dead_waiter * 3).await;
+    assert!(holder.is_held().await.unwrap(), "the holder lost its grant");
+    assert!(!waiter.is_finished(), "the waiter was dropped or served");
+    let lock = s.get_lock("sb").await.unwrap().unwrap();
+    assert_eq!(lock.tickets().len(), 3, "{lock:?}");
+    assert!(
+        lock.tickets()[0].expires_in() > LONG - PROMPT - dead_waiter * 3,
+        "{lock:?}"
+    );
+    // No third party gets in beside the holder.
+    let third =
+        tokio::time::timeout(Duration::from_millis(300), s.lock_with("sb", opts(LONG))).await;
+    assert!(third.is_err(), "a third party got in beside the holder");
+    holder.release().await.unwrap();
+    let next = tokio::time::timeout(PROMPT, waiter)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.ticket(), 1);
+    next.release().await.unwrap();
+    s.cleanup("sb", fixed).await.unwrap();
+    f.assert_gone("sb").await;
+}
+
+/// `finish_serving`, `delete_lock` or a `save_lock` without the held ticket:
+/// the store says so at once, and `lost()` listens.
+async fn lost_fires_when_someone_removes_the_holders_ticket(f: Fixture) {
+    let s = &f.store;
+    for how in ["finish", "finish with a waiter", "delete", "save"] {
+        let cid = format!("lr-{}", how.len());
+        let holder = s.lock_with(&cid, opts(LONG)).await.unwrap();
+        let waiter = if how == "finish with a waiter" {
+            let (s2, cid2) = (s.clone(), cid.clone());
+            let w = tokio::spawn(async move { s2.lock_with(&cid2, opts(LONG)).await });
+            queued(s, &cid, 2).await;
+            Some(w)
+        } else {
+            None
+        };
+        let lost = {
+            let started = Instant::now();
+            let watching = async {
+                holder.lost().await;
+                started.elapsed()
+            };
+            let removing = async {
+                // lost() listens first; the removal comes after.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                match how {
+                    "delete" => s.delete_lock(&cid).await.unwrap(),
+                    "save" => s.save_lock(&TicketLock::new(cid.as_str())).await.unwrap(),
+                    _ => s.finish_serving(&cid, holder.ticket()).await.unwrap(),
+                }
+                futures_pending().await
+            };
+            tokio::select! {
+                took = watching => took,
+                _ = removing => unreachable!(),
+                _ = tokio::time::sleep(PROMPT) => panic!("{how}: lost() never fired (lease {LONG:?})"),
+            }
+        };
+        assert!(
+            lost < Duration::from_millis(100) + PROMPT / 2,
+            "{how}: lost() after {lost:?}"
+        );
+        assert!(!holder.is_held().await.unwrap(), "{how}");
+        assert!(
+            matches!(holder.release().await, Err(LockError::Expired { .. })),
+            "{how}"
+        );
+        if let Some(w) = waiter {
+            let next = tokio::time::timeout(PROMPT, w)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            next.release().await.unwrap();
+        }
+        s.delete_lock(&cid).await.unwrap();
+        f.assert_gone(&cid).await;
+    }
+}
+
+async fn futures_pending() {
+    std::future::pending::<()>().await
+}
+
+/// A waiter whose ticket someone removes learns it at once from the store's
+/// wake-up, far sooner than its wait time or dead-waiter timeout.
+async fn a_removed_waiter_learns_it_within_milliseconds(f: Fixture) {
+    let s = &f.store;
+    let slow = opts(LONG).with_dead_waiter_timeout(LONG);
+    for how in ["finish", "save"] {
+        let cid = format!("rm-{how}");
+        let holder = s.lock_with(&cid, opts(LONG)).await.unwrap();
+        let (s2, cid2) = (s.clone(), cid.clone());
+        let waiter = tokio::spawn(async move {
+            let result = s2.lock_with(&cid2, slow).await;
+            (result, Instant::now())
+        });
+        queued(s, &cid, 2).await;
+        // Let the waiter settle into its wait.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let removed_at = Instant::now();
+        match how {
+            "finish" => s.finish_serving(&cid, 1).await.unwrap(),
+            _ => {
+                let mut lock = s.get_lock(&cid).await.unwrap().unwrap();
+                lock.remove_ticket_for(1);
+                s.save_lock(&lock).await.unwrap();
+            }
+        }
+        let (result, learnt_at) = tokio::time::timeout(PROMPT, waiter)
+            .await
+            .expect(how)
+            .unwrap();
+        assert!(
+            matches!(result, Err(LockError::Expired { ticket: 1, .. })),
+            "{how}: {result:?}"
+        );
+        let took = learnt_at - removed_at;
+        assert!(
+            took < Duration::from_millis(250),
+            "{how}: learnt after {took:?}"
+        );
+        // The holder was not disturbed.
+        assert!(holder.is_held().await.unwrap(), "{how}");
+        holder.release().await.unwrap();
+        f.assert_gone(&cid).await;
+    }
+}
+
+/// A waiter that is granted the lock but dies before picking the grant up
+/// (its polls hang) blocks the queue until its lease from the grant ends, not
+/// until its dead-waiter timeout, and not until the next waiter's next poll.
+async fn a_holder_dead_before_its_pick_up_delays_the_queue_by_its_lease_only(f: Fixture) {
+    let s = &f.store;
+    let lease = Duration::from_millis(300);
+    let holder = s.lock_with("dp", opts(LONG)).await.unwrap();
+    // Its first poll goes through (it checks in), every later one hangs.
+    let polls = Arc::new(AtomicUsize::new(0));
+    let dying = {
+        let polls = polls.clone();
+        with_faults(s, move |op| match op {
+            Op::Poll if polls.fetch_add(1, Ordering::SeqCst) >= 1 => Injected::Hang,
+            _ => Injected::Pass,
+        })
+    };
+    let doomed = tokio::spawn(async move {
+        dying
+            .lock_with("dp", opts(lease).with_dead_waiter_timeout(LONG))
+            .await
+            .map(std::mem::forget)
+    });
+    queued(s, "dp", 2).await;
+    let s2 = s.clone();
+    let next = tokio::spawn(async move {
+        let g = s2
+            .lock_with("dp", opts(LONG).with_dead_waiter_timeout(LONG))
+            .await;
+        (g, Instant::now())
+    });
+    queued(s, "dp", 3).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let released = Instant::now();
+    holder.release().await.unwrap();
+    let (g, served_at) = tokio::time::timeout(PROMPT * 2, next)
+        .await
+        .expect("the queue stalled")
+        .unwrap();
+    let waited = served_at - released;
+    let g = g.unwrap();
+    assert_eq!(g.ticket(), 2);
+    assert!(
+        waited >= lease - Duration::from_millis(50),
+        "served before the dead one's lease ended: {waited:?}"
+    );
+    assert!(
+        waited < lease + Duration::from_millis(700),
+        "waited {waited:?} for a {lease:?} lease"
+    );
+    g.release().await.unwrap();
+    doomed.abort();
+    s.delete_lock("dp").await.unwrap();
+}
+
+/// A holder that shortens its lease tells the waiters, who would otherwise
+/// sleep until the end they were told before: if it then dies, the queue
+/// moves on when the shorter lease ends.
+async fn a_shorter_lease_is_announced_to_the_waiters(f: Fixture) {
+    let s = &f.store;
+    let holder = s.lock_with("sh", opts(LONG)).await.unwrap();
+    let s2 = s.clone();
+    let next = tokio::spawn(async move {
+        let g = s2
+            .lock_with("sh", opts(LONG).with_dead_waiter_timeout(LONG))
+            .await;
+        (g, Instant::now())
+    });
+    queued(s, "sh", 2).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let shortened = Instant::now();
+    holder.extend(Duration::from_millis(200)).await.unwrap();
+    std::mem::forget(holder);
+    let (g, served_at) = tokio::time::timeout(PROMPT, next)
+        .await
+        .expect("the queue stalled")
+        .unwrap();
+    let waited = served_at - shortened;
+    assert!(
+        waited >= Duration::from_millis(150) && waited < Duration::from_millis(900),
+        "{waited:?}"
+    );
+    g.unwrap().release().await.unwrap();
+    s.delete_lock("sh").await.unwrap();
+}
+
+/// `release()` polled once and dropped (a `select!`, a request timeout)
+/// still releases: the next `lock` does not wait for the lease.
+async fn a_cancelled_release_still_releases(f: Fixture) {
+    let s = &f.store;
+    for round in 0..3 {
+        let holder = s.lock_with("cr", opts(LONG)).await.unwrap();
+        let release = holder.release();
+        // Poll it once, at most, then drop it.
+        let _ = tokio::time::timeout(Duration::ZERO, release).await;
+        let started = Instant::now();
+        let next = tokio::time::timeout(PROMPT, s.lock_with("cr", opts(LONG)))
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: the cancelled release kept the lock"))
+            .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "round {round}: {:?}",
+            started.elapsed()
+        );
+        next.release().await.unwrap();
+    }
+    // A lock_with dropped while it gives its ticket back after its timeout:
+    // the waiter behind it is not held up by the given-back ticket.
+    let holder = s.lock_with("cr", opts(LONG)).await.unwrap();
+    let timed = s.lock_with("cr", opts(LONG).with_timeout(Duration::from_millis(100)));
+    let _ = tokio::time::timeout(Duration::from_millis(101), timed).await;
+    let s2 = s.clone();
+    let behind = tokio::spawn(async move {
+        s2.lock_with("cr", opts(LONG).with_dead_waiter_timeout(LONG))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    holder.release().await.unwrap();
+    let g = tokio::time::timeout(PROMPT, behind)
+        .await
+        .expect("held up by a dropped give-back")
+        .unwrap()
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+    g.release().await.unwrap();
+    f.assert_gone("cr").await;
+}
+
+/// A release that fails with a retryable error (a blip on the connection)
+/// is retried by the store: the caller learns of the failure, and the next
+/// waiter is served soon after, not at the end of the lease.
+async fn a_retryable_release_failure_is_retried_in_the_background(f: Fixture) {
+    let s = &f.store;
+    let failed = Arc::new(AtomicUsize::new(0));
+    let blip = {
+        let failed = failed.clone();
+        with_faults(s, move |op| match op {
+            Op::Release if failed.fetch_add(1, Ordering::SeqCst) == 0 => Injected::FailBefore,
+            _ => Injected::Pass,
+        })
+    };
+    let holder = blip.lock_with("rt", opts(LONG)).await.unwrap();
+    let s2 = s.clone();
+    let next = tokio::spawn(async move { s2.lock_with("rt", opts(LONG)).await });
+    queued(s, "rt", 2).await;
+    let started = Instant::now();
+    let err = holder.release().await.unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    let g = tokio::time::timeout(PROMPT, next)
+        .await
+        .expect("the release was never retried")
+        .unwrap()
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(failed.load(Ordering::SeqCst) >= 2, "no second attempt");
+    g.release().await.unwrap();
+    f.assert_gone("rt").await;
+}
+
+/// A grant learnt from a wake-up whose pick-up fails once (a blip at the
+/// hand-over) is picked up on a retry: the server keeps the full lease, so
+/// nobody else gets in while the guard believes it holds.
+async fn a_failed_pick_up_is_retried_and_the_lease_kept(f: Fixture) {
+    let s = &f.store;
+    let holder = s.lock_with("pu", opts(LONG)).await.unwrap();
+    let polls = Arc::new(AtomicUsize::new(0));
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let blip = {
+        let (polls, armed) = (polls.clone(), armed.clone());
+        // Once armed (at the hand-over), the next poll (the pick-up) fails.
+        with_faults(s, move |op| match op {
+            Op::Poll => {
+                polls.fetch_add(1, Ordering::SeqCst);
+                if armed.swap(false, Ordering::SeqCst) {
+                    Injected::FailBefore
+                } else {
+                    Injected::Pass
+                }
+            }
+            _ => Injected::Pass,
+        })
+    };
+    let dead_waiter = Duration::from_millis(400);
+    let waiter = tokio::spawn(async move {
+        blip.lock_with("pu", opts(LONG).with_dead_waiter_timeout(dead_waiter))
+            .await
+    });
+    queued(s, "pu", 2).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let checked_in = polls.load(Ordering::SeqCst);
+    armed.store(true, Ordering::SeqCst);
+    holder.release().await.unwrap();
+    let g = tokio::time::timeout(PROMPT, waiter)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    // Past the grant's waiting expiry: held only if the pick-up happened.
+    tokio::time::sleep(dead_waiter * 2).await;
+    let third =
+        tokio::time::timeout(Duration::from_millis(200), s.lock_with("pu", opts(LONG))).await;
+    assert!(third.is_err(), "someone got in beside the guard");
+    assert!(g.is_held().await.unwrap());
+    assert!(
+        polls.load(Ordering::SeqCst) >= checked_in + 2,
+        "the pick-up was not retried"
+    );
+    g.release().await.unwrap();
+    f.assert_gone("pu").await;
+}
+
+/// Lua's numbers are doubles: a next number near 2^53 must not make the
+/// store hand the same number out twice.
+async fn ticket_numbers_stop_below_two_to_the_53(f: Fixture) {
+    let s = &f.store;
+    let top = (1u64 << 53) - 1;
+    let mut lock = TicketLock::new("big");
+    let json = serde_json::json!({"conversation_id": "big", "next_number": top, "tickets": []});
+    lock = serde_json::from_value(json).unwrap_or(lock);
+    s.save_lock(&lock).await.unwrap();
+    // save_lock of an empty queue keeps no record: make one first.
+    let first = s.issue_ticket("big", LONG).await.unwrap();
+    s.finish_serving("big", first).await.unwrap();
+    s.save_lock(&lock).await.unwrap();
+    assert_eq!(s.issue_ticket("big", LONG).await.unwrap(), top);
+    let err = s.issue_ticket("big", LONG).await.unwrap_err();
+    assert!(matches!(err, LockError::InvalidInput { .. }), "{err}");
+    assert!(err.to_string().contains("every ticket number"), "{err}");
+    let err = s.lock("big").await.unwrap_err();
+    assert!(matches!(err, LockError::InvalidInput { .. }), "{err}");
+    let too_far =
+        serde_json::json!({"conversation_id": "big", "next_number": top + 2, "tickets": []});
+    let too_far: TicketLock = serde_json::from_value(too_far).unwrap();
+    assert!(matches!(
+        s.save_lock(&too_far).await,
+        Err(LockError::InvalidInput { .. })
+    ));
+    s.delete_lock("big").await.unwrap();
+    f.assert_gone("big").await;
+}
+
+/// Grants that follow each other as fast as the store can go (on Redis,
+/// often within one microsecond of its clock) still get strictly growing
+/// fencing tokens.
+async fn fencing_tokens_grow_over_back_to_back_hand_overs(f: Fixture) {
+    let s = &f.store;
+    let mut fences = Vec::new();
+    let mut waiters = Vec::new();
+    let holder = s.lock_with("bb", opts(LONG)).await.unwrap();
+    fences.push(holder.fencing_token());
+    for i in 1..=6u64 {
+        waiters.push(s.issue_ticket("bb", LONG).await.unwrap());
+        assert_eq!(waiters.last(), Some(&i));
+    }
+    // Each finish grants the next ticket in the same script run.
+    holder.release().await.unwrap();
+    for &ticket in &waiters {
+        let lock = s.inspect("bb").await.unwrap();
+        let record = lock.record.unwrap();
+        assert_eq!(record.served, Some(ticket));
+        fences.push(record.fence.unwrap());
+        s.finish_serving("bb", ticket).await.unwrap();
+    }
+    assert!(fences.windows(2).all(|w| w[0] < w[1]), "{fences:?}");
+    s.delete_lock("bb").await.unwrap();
+    f.assert_gone("bb").await;
+}
+
 // ---- Redis-only cases: things the in-memory store cannot have ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_foreign_data_is_reported_and_left_untouched() {
     let f = Fixture::redis(ScriptMode::Auto).await;
     let (mut conn, prefix) = f.raw().await.unwrap();
-    let queue = format!("{prefix}{{bad}}:q");
+    let queue = format!("{prefix}{{bad}}");
     let _: () = redis::cmd("SET")
         .arg(&queue)
-        .arg("not a zset")
+        .arg("not a hash")
         .query_async(&mut conn)
         .await
         .unwrap();
     let other = f.store.lock("good").await.unwrap();
-    // Without a record, reads and removals have nothing to do and change
-    // nothing (checked below); everything that would write is refused.
-    assert_eq!(f.store.get_lock("bad").await.unwrap(), None);
-    f.store.cleanup("bad", 0).await.unwrap();
+    // Every script reads the key first, so each refuses before writing.
     for result in [
+        f.store.get_lock("bad").await.map(drop),
+        f.store.cleanup("bad", 0).await,
         f.store.issue_ticket("bad", LONG).await.map(drop),
         f.store.lock("bad").await.map(drop),
         f.store.save_lock(&TicketLock::new("bad")).await,
+        f.store.delete_lock("bad").await,
+        f.store.inspect("bad").await.map(drop),
     ] {
         match result {
             Err(LockError::Corrupted {
@@ -995,13 +1520,7 @@ async fn redis_foreign_data_is_reported_and_left_untouched() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert_eq!(value, "not a zset");
-    let meta_exists: bool = redis::cmd("EXISTS")
-        .arg(format!("{prefix}{{bad}}"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert!(!meta_exists, "a failed script must not have written");
+    assert_eq!(value, "not a hash", "a failed script must not have written");
     assert_eq!(
         f.store
             .get_lock("good")
@@ -1024,36 +1543,61 @@ async fn redis_garbage_in_a_conversations_keys_is_reported_and_contained() {
     let f = Fixture::redis(ScriptMode::Auto).await;
     let (mut conn, prefix) = f.raw().await.unwrap();
     let other = f.store.lock("neighbour").await.unwrap();
-    let garbage: [(&str, &[&str]); 3] = [
-        ("HSET", &["{g1}", "next", "not a number"]),
-        ("HSET", &["{g2}", "fence", "12abc"]),
-        ("ZADD", &["{g3}:q", "1", "not-a-ticket"]),
+    // A v1 record (`next` a number), a field that is not a number, a ticket
+    // that does not parse, a record without its fields.
+    let garbage: [(&str, &[&str]); 4] = [
+        ("HSET", &["{g1}", "next", "3", "epoch", "5"]),
+        (
+            "HSET",
+            &[
+                "{g2}", "next", "v2", "n", "1", "e", "5", "h", "0", "s", "0", "f", "12abc", "g",
+                "0",
+            ],
+        ),
+        (
+            "HSET",
+            &[
+                "{g3}", "next", "v2", "n", "1", "e", "5", "h", "0", "s", "0", "f", "1", "g", "0",
+                "t0", "soon",
+            ],
+        ),
+        ("HSET", &["{g4}", "next", "v2", "e", "5"]),
     ];
     for (i, (cmd, args)) in garbage.iter().enumerate() {
         let cid = format!("g{}", i + 1);
         let mut c = redis::cmd(cmd);
         c.arg(format!("{prefix}{}", args[0])).arg(&args[1..]);
         let _: () = c.query_async(&mut conn).await.unwrap();
-        let has_record = i < 2;
-        let mut results = vec![
+        let before: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg(format!("{prefix}{}", args[0]))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        // Reads and removals look at the foreign data as writes do.
+        let results = vec![
             f.store.issue_ticket(&cid, LONG).await.map(drop),
             f.store.lock(&cid).await.map(drop),
+            f.store.update_lock(&cid).await,
+            f.store.cleanup(&cid, 0).await,
+            f.store.get_lock(&cid).await.map(drop),
         ];
-        if has_record {
-            // With a record, even reads and removals look at the foreign data.
-            results.push(f.store.update_lock(&cid).await);
-            results.push(f.store.cleanup(&cid, 0).await);
-            results.push(f.store.get_lock(&cid).await.map(drop));
-        }
         for result in results {
             assert!(
                 matches!(result, Err(LockError::Corrupted { ref conversation_id, .. }) if *conversation_id == cid),
                 "{cid}: {result:?}"
             );
         }
+        let after: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg(format!("{prefix}{}", args[0]))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(
+            before, after,
+            "{cid}: a refusing script must not have written"
+        );
         let _: () = redis::cmd("DEL")
             .arg(format!("{prefix}{{{cid}}}"))
-            .arg(format!("{prefix}{{{cid}}}:q"))
             .query_async(&mut conn)
             .await
             .unwrap();

@@ -1,9 +1,11 @@
-//! Python and Rust share one queue: `scripts/ticketlock.py` runs the very
-//! same `lua/` files as the crate, and the two kinds of client exclude each
-//! other, keep one FIFO order, and wake each other up by pub/sub.
+//! Python and Rust share one queue: the Python package in `python/` (run as
+//! `python -m ticketlock`) sends the very same `lua/` files as the crate, and
+//! Rust processes, synchronous Python processes and asyncio Python tasks
+//! exclude each other, keep one FIFO order, and wake each other up by pub/sub.
 //!
-//! Needs `python3` with redis-py (scripts/test.sh installs it); without them
-//! these tests fail and say so, they never skip.
+//! Needs a Python with the package installed: `$TICKETLOCK_PYTHON` (which
+//! scripts/test.sh sets to its venv's interpreter), else `python3`. Without
+//! one these tests fail and say how to get it; they never skip.
 
 mod support;
 
@@ -20,7 +22,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::task::JoinHandle;
 
-const CLIENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/ticketlock.py");
+/// What every Python child runs: `<python> -m ticketlock <subcommand> ...`.
+const MODULE: [&str; 2] = ["-m", "ticketlock"];
 /// A hand-over counts as prompt below this (the waiters poll every 30 s).
 const PROMPT: Duration = Duration::from_secs(2);
 /// No single step of a test may take longer (a loaded 2-core machine included).
@@ -30,30 +33,40 @@ const SECTIONS: usize = 100;
 
 // --- helpers ---------------------------------------------------------------------
 
-/// `python3`, after checking that it can import redis; panics with how to get it.
+/// The Python interpreter to run, after checking that it can import the
+/// package; panics with how to get it.
 fn python() -> &'static str {
-    static CHECKED: OnceLock<Result<(), String>> = OnceLock::new();
+    static CHECKED: OnceLock<Result<String, String>> = OnceLock::new();
     let checked = CHECKED.get_or_init(|| {
-        match std::process::Command::new("python3")
-            .args(["-c", "import redis"])
+        let python = std::env::var("TICKETLOCK_PYTHON")
+            .ok()
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| "python3".to_owned());
+        match std::process::Command::new(&python)
+            .args(["-c", "import ticketlock, redis"])
             .stdin(Stdio::null())
             .output()
         {
-            Ok(out) if out.status.success() => Ok(()),
+            Ok(out) if out.status.success() => Ok(python),
             Ok(out) => Err(format!(
-                "python3 cannot import redis ({})",
+                "{python} cannot import ticketlock ({})",
                 String::from_utf8_lossy(&out.stderr).trim()
             )),
-            Err(e) => Err(format!("python3 is not runnable ({e})")),
+            Err(e) => Err(format!("{python} is not runnable ({e})")),
         }
     });
-    if let Err(why) = checked {
-        panic!(
-            "{why}: the cross-language tests need python3 with the redis module — \
-             run scripts/test.sh, or `python3 -m pip install redis`"
-        );
+    match checked {
+        Ok(python) => python,
+        Err(why) => panic!(
+            "{why}: the cross-language tests need the Python package — run scripts/test.sh \
+             (it sets TICKETLOCK_PYTHON), or `pip install ./python` and set TICKETLOCK_PYTHON"
+        ),
     }
-    "python3"
+}
+
+/// `-m ticketlock <args...>`.
+fn module_args<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    MODULE.iter().copied().chain(args.iter().copied()).collect()
 }
 
 fn store_config(url: &str, prefix: &str) -> StoreConfig {
@@ -70,7 +83,7 @@ async fn connection(url: &str) -> MultiplexedConnection {
         .expect("connecting to the test Redis")
 }
 
-/// lua/common.lua's meta key (also the wake-up channel).
+/// lua/common.lua's key of a conversation (also its wake-up channel).
 fn meta_key(prefix: &str, conversation_id: &str) -> String {
     let mut id = String::new();
     for c in conversation_id.chars() {
@@ -227,7 +240,7 @@ fn parse_grant(entry: &str) -> Grant {
 }
 
 /// What a contender in this test process does: the same critical section as
-/// the `contend` example and `ticketlock.py contend`.
+/// the `contend` example and `python -m ticketlock contend`.
 async fn contend_here(
     store: LockStore,
     mut conn: MultiplexedConnection,
@@ -242,7 +255,8 @@ async fn contend_here(
         .with_dead_waiter_timeout(Duration::from_secs(30));
     for _ in 0..SECTIONS {
         let guard = store.lock_with(&cid, options).await.expect("lock");
-        let epoch: u64 = conn.hget(&meta, "epoch").await.expect("HGET epoch");
+        // lua/common.lua: the record's epoch is the hash field `e`.
+        let epoch: u64 = conn.hget(&meta, "e").await.expect("HGET e");
         let value: Option<u64> = conn.get(&counter).await.expect("GET");
         let () = conn
             .set(&counter, value.unwrap_or(0) + 1)
@@ -258,10 +272,11 @@ async fn contend_here(
     }
 }
 
-/// Two Python processes, a Rust process and two tasks of this process take
-/// the same conversation's lock 100 times each, doing a non-atomic increment
-/// inside: no update is lost, the grants follow ticket order across both
-/// languages, and nothing is left in Redis afterwards.
+/// Two synchronous Python processes, a Python process of 3 asyncio tasks, a
+/// Rust process and two tasks of this process take the same conversation's
+/// lock 100 times each, doing a non-atomic increment inside: no update is
+/// lost, the grants follow ticket order across both languages, and nothing is
+/// left in Redis afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_and_rust_processes_share_one_fifo_queue() {
     let python = python();
@@ -307,9 +322,23 @@ async fn python_and_rust_processes_share_one_fifo_queue() {
             .chain(common.iter().copied())
             .collect()
     };
+    let asyncio: Vec<&str> =
+        module_args(&["contend", "--asyncio", "--tasks", "3", "--stores", "2"])
+            .into_iter()
+            .chain(common.iter().copied())
+            .collect();
     let mut children = vec![
-        Proc::spawn("python contender 1", python, &with(&[CLIENT, "contend"])),
-        Proc::spawn("python contender 2", python, &with(&[CLIENT, "contend"])),
+        Proc::spawn(
+            "python contender 1",
+            python,
+            &with(&["-m", "ticketlock", "contend"]),
+        ),
+        Proc::spawn(
+            "python contender 2",
+            python,
+            &with(&["-m", "ticketlock", "contend"]),
+        ),
+        Proc::spawn("python asyncio contender", python, &asyncio),
         Proc::spawn("rust contender", &binary, &with(&[])),
     ];
     let mut pids = BTreeMap::new();
@@ -356,9 +385,11 @@ async fn python_and_rust_processes_share_one_fifo_queue() {
     }
     let took = started.elapsed();
 
-    let total = 5 * SECTIONS;
+    // 2 sync Python + 3 asyncio tasks + 1 Rust process + 2 tasks here.
+    let total = 8 * SECTIONS;
     for summary in &summaries {
-        assert_eq!(summary["count"], SECTIONS, "{summary}");
+        let tasks = summary["tasks"].as_u64().unwrap_or(1) as usize;
+        assert_eq!(summary["count"], tasks * SECTIONS, "{summary}");
     }
     let value: Option<u64> = conn.get(&counter).await.expect("GET");
     assert_eq!(
@@ -392,10 +423,10 @@ async fn python_and_rust_processes_share_one_fifo_queue() {
     }
     pids.insert(std::process::id(), "rs".into());
     for (pid, lang) in &pids {
-        let expected = if *pid == std::process::id() {
-            2 * SECTIONS
-        } else {
-            SECTIONS
+        let expected = match lang.as_str() {
+            _ if *pid == std::process::id() => 2 * SECTIONS,
+            "pya" => 3 * SECTIONS,
+            _ => SECTIONS,
         };
         assert_eq!(
             per_pid.get(pid),
@@ -405,10 +436,17 @@ async fn python_and_rust_processes_share_one_fifo_queue() {
     }
     assert_eq!(per_pid.len(), pids.len(), "unknown pids in the log");
     // Both languages took turns within one record: one queue, not two.
+    let is_python = |lang: &str| lang.starts_with("py");
     let handoffs = grants
         .windows(2)
-        .filter(|p| p[0].epoch == p[1].epoch && p[0].lang != p[1].lang)
+        .filter(|p| p[0].epoch == p[1].epoch && is_python(&p[0].lang) != is_python(&p[1].lang))
         .count();
+    let languages: BTreeSet<&str> = grants.iter().map(|g| g.lang.as_str()).collect();
+    assert_eq!(
+        languages,
+        BTreeSet::from(["py", "pya", "rs"]),
+        "every kind of contender was granted the lock"
+    );
     let records: BTreeSet<u64> = grants.iter().map(|g| g.epoch).collect();
     assert!(
         handoffs > 0,
@@ -488,7 +526,7 @@ async fn releases_wake_waiters_of_the_other_language() {
     for round in 0..3 {
         // Python holds, Rust waits.
         let cid = format!("py to rs {round}");
-        let mut args = vec![CLIENT, "lock", "--redis", &url, "--prefix", &prefix];
+        let mut args = module_args(&["lock", "--redis", &url, "--prefix", &prefix]);
         args.extend(["--conversation", &cid, "--lifetime-s", "30"]);
         args.push("--hold-until-stdin");
         let mut holder = Proc::spawn("python holder", python, &args);
@@ -528,7 +566,7 @@ async fn releases_wake_waiters_of_the_other_language() {
             )
             .await
             .expect("rust holder");
-        let mut args = vec![CLIENT, "lock", "--redis", &url, "--prefix", &prefix];
+        let mut args = module_args(&["lock", "--redis", &url, "--prefix", &prefix]);
         args.extend(["--conversation", &cid]);
         args.extend(PATIENT_PY);
         let mut waiter = Proc::spawn("python waiter", python, &args);
@@ -569,14 +607,14 @@ async fn releases_wake_waiters_of_the_other_language() {
 
 // --- (d) the same scripts, the same keys -------------------------------------------
 
-/// The Python client sends byte-identical scripts (same SHA1s), derives the
-/// same key names, and passes its own self-test against the same Redis.
+/// The Python package sends byte-identical scripts (same SHA1s) and derives
+/// the same key name as the crate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn python_client_sends_the_crates_scripts_and_keys() {
+async fn python_package_sends_the_crates_scripts_and_keys() {
     let python = python();
     let url = support::redis_url();
 
-    let scripts = Proc::spawn("python scripts", python, &[CLIENT, "scripts"]);
+    let scripts = Proc::spawn("python scripts", python, &module_args(&["scripts"]));
     let shas = scripts.finish().await;
     let python_shas: BTreeMap<String, String> =
         serde_json::from_value(shas["scripts"].clone()).expect("{name: sha}");
@@ -586,8 +624,9 @@ async fn python_client_sends_the_crates_scripts_and_keys() {
         .collect();
     assert_eq!(
         python_shas, crate_shas,
-        "scripts/ticketlock.py does not send what the crate sends (OPERATIONS out of date?)"
+        "the Python package does not send what the crate sends (OPERATIONS out of date?)"
     );
+    assert_eq!(shas["library"], ticketlock::LIBRARY_NAME);
 
     // Keys: what Rust creates is what Python names.
     let prefix = support::unique_prefix("xlk");
@@ -600,26 +639,15 @@ async fn python_client_sends_the_crates_scripts_and_keys() {
         .await
         .expect("issue");
     let mut conn = connection(&url).await;
-    let mut created = keys_with_prefix(&mut conn, &prefix).await;
-    created.sort();
-    let args = [CLIENT, "keys", "--prefix", &prefix, "--conversation", cid];
+    let created = keys_with_prefix(&mut conn, &prefix).await;
+    let args = module_args(&["keys", "--prefix", &prefix, "--conversation", cid]);
     let named = Proc::spawn("python keys", python, &args).finish().await;
-    let mut named: Vec<String> = serde_json::from_value(named["keys"].clone()).expect("keys");
-    named.sort();
-    assert_eq!(named, created);
+    let named: String = serde_json::from_value(named["key"].clone()).expect("key");
+    assert_eq!(created, vec![named.clone()]);
+    assert_eq!(named, meta_key(&prefix, cid));
     store.cleanup(cid, ticket).await.expect("cleanup");
     assert_eq!(
         keys_with_prefix(&mut conn, &prefix).await,
         Vec::<String>::new()
     );
-
-    // The Python side on its own: inputs, FIFO, wake-ups, timeouts, expiry.
-    let mut selftest = Proc::spawn(
-        "python selftest",
-        python,
-        &[CLIENT, "selftest", "--redis", &url],
-    );
-    selftest.stdin = None;
-    let report = selftest.finish().await;
-    assert_eq!(report["ok"], true, "{report}");
 }

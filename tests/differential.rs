@@ -12,6 +12,10 @@ use proptest::prelude::*;
 use ticketlock::__testing::{manual_clock_stores, ManualClock};
 use ticketlock::{LockError, LockOptions, LockStore, Ticket, TicketLock};
 
+/// A saved ticket: number, remaining ms, and for a renewing ticket its lease
+/// and dead-waiter timeout in ms.
+type SavedTicket = (u64, u64, Option<(u64, u64)>);
+
 #[derive(Debug, Clone)]
 enum Step {
     Issue {
@@ -49,7 +53,16 @@ enum Step {
     Save {
         cid: usize,
         next: u64,
-        tickets: Vec<(u64, u64)>,
+        tickets: Vec<SavedTicket>,
+    },
+    /// Rasa's read-modify-write with nothing modified: `get_lock`, then
+    /// `save_lock` of the same snapshot.
+    SaveBack {
+        cid: usize,
+    },
+    /// The guard asks the store whether it still holds the lock.
+    Held {
+        cid: usize,
     },
     Delete {
         cid: usize,
@@ -76,15 +89,18 @@ fn step() -> impl Strategy<Value = Step> {
         1 => cid.clone().prop_map(|cid| Step::Update { cid }),
         3 => cid.clone().prop_map(|cid| Step::Get { cid }),
         1 => cid.clone().prop_map(|cid| Step::Waiting { cid }),
-        1 => (cid.clone(), 0u64..10, prop::collection::vec((0u64..10, prop::sample::select(vec![0u64, 1, 2, 5, 100])), 0..4))
+        1 => (cid.clone(), 0u64..10, prop::collection::vec((0u64..10, prop::sample::select(vec![0u64, 1, 2, 5, 100]), prop::option::of((ms.clone(), ms.clone()))), 0..4))
             .prop_map(|(cid, next, tickets)| Step::Save { cid, next, tickets }),
+        1 => cid.clone().prop_map(|cid| Step::SaveBack { cid }),
+        1 => cid.clone().prop_map(|cid| Step::Held { cid }),
         1 => cid.clone().prop_map(|cid| Step::Delete { cid }),
         4 => ms.prop_map(|ms| Step::Pass { ms }),
     ]
 }
 
-/// A snapshot as compared: (number, remaining ms) per ticket, and the last number issued.
-type Snapshot = (Vec<(u64, u64)>, Option<u64>);
+/// A snapshot as compared: (number, remaining ms, lease ms, dead-waiter
+/// ms) per ticket, and the last number issued.
+type Snapshot = (Vec<(u64, u64, Option<u64>, Option<u64>)>, Option<u64>);
 
 /// What a step showed, with backend-specific values (epochs, fencing token
 /// values) left out; fencing tokens are compared by order instead.
@@ -170,10 +186,18 @@ impl Side {
             Step::Update { cid } => seen(s.update_lock(IDS[cid]).await, |()| Seen::Done),
             Step::Get { cid } => seen(s.get_lock(IDS[cid]).await, |lock| {
                 Seen::Lock(lock.map(|l| {
+                    let ms = |d: Duration| d.as_millis() as u64;
                     let tickets = l
                         .tickets()
                         .iter()
-                        .map(|t| (t.number(), t.expires_in().as_millis() as u64))
+                        .map(|t| {
+                            (
+                                t.number(),
+                                ms(t.expires_in()),
+                                t.lease().map(ms),
+                                t.dead_waiter_timeout().map(ms),
+                            )
+                        })
                         .collect();
                     (tickets, l.last_issued())
                 }))
@@ -185,17 +209,29 @@ impl Side {
                 ref tickets,
             } => {
                 let mut lock = TicketLock::new(IDS[cid]);
+                let ms = Duration::from_millis;
                 let saved: Vec<Ticket> = tickets
                     .iter()
-                    .map(|&(n, ms)| Ticket::new(n, Duration::from_millis(ms)))
+                    .map(|&(n, left, terms)| match terms {
+                        Some((lease, dead)) => Ticket::renewing(n, ms(left), ms(lease), ms(dead)),
+                        None => Ticket::new(n, ms(left)),
+                    })
                     .collect();
                 let json = serde_json::json!({
-                    "conversation_id": IDS[cid], "next_number": next,
-                    "tickets": saved.iter().map(|t| serde_json::json!({"number": t.number(), "expires_in_ms": t.expires_in().as_millis() as u64})).collect::<Vec<_>>(),
+                    "conversation_id": IDS[cid], "next_number": next, "tickets": saved,
                 });
                 lock = serde_json::from_value(json).unwrap_or(lock);
                 seen(s.save_lock(&lock).await, |()| Seen::Done)
             }
+            Step::SaveBack { cid } => match s.get_lock(IDS[cid]).await {
+                Ok(Some(lock)) => seen(s.save_lock(&lock).await, |()| Seen::Done),
+                Ok(None) => Seen::NotGranted("no record"),
+                Err(e) => Seen::Error(kind(&e)),
+            },
+            Step::Held { cid } => match &self.guards[cid] {
+                Some(guard) => seen(guard.is_held().await, Seen::Flag),
+                None => Seen::NotGranted("no guard"),
+            },
             Step::Delete { cid } => seen(s.delete_lock(IDS[cid]).await, |()| Seen::Done),
             Step::Pass { ms } => {
                 self.clock.advance(Duration::from_millis(ms)).await;
@@ -262,4 +298,48 @@ proptest! {
         });
         prop_assert!(outcome.is_ok(), "{}", outcome.unwrap_err());
     }
+}
+
+/// Grants within one tick of the clock (the manual clocks never move here):
+/// each still gets a fencing token above the last, on both stores. On Redis
+/// that is the `previous + 1` branch of `next_fence` in lua/common.lua, which
+/// real time reaches only when two grants fall in one microsecond.
+#[test]
+fn fencing_tokens_grow_over_grants_within_one_clock_tick() {
+    let rt = runtime();
+    let url = support::redis_url();
+    rt.block_on(async move {
+        let prefix = support::unique_prefix("tick");
+        let ((memory, _memory_clock), (redis, _redis_clock)) =
+            manual_clock_stores(&url, &prefix).await.unwrap();
+        for (side, store) in [("memory", memory), ("redis", redis)] {
+            let lifetime = Duration::from_secs(10);
+            for expected in 0..5 {
+                assert_eq!(
+                    store.issue_ticket("tick", lifetime).await.unwrap(),
+                    expected
+                );
+            }
+            let mut fences = Vec::new();
+            for ticket in 0..5 {
+                let record = store.inspect("tick").await.unwrap().record.unwrap();
+                assert_eq!(record.served, Some(ticket), "{side}");
+                fences.push(record.fence.unwrap());
+                // Each finish grants the next ticket at the same instant.
+                store.finish_serving("tick", ticket).await.unwrap();
+            }
+            assert!(
+                fences.windows(2).all(|w| w[0] < w[1]),
+                "{side}: fencing tokens within one tick: {fences:?}"
+            );
+            // And a guard's token, granted in that tick too, is above them all.
+            let guard = store
+                .lock_with("tick", LockOptions::default().with_timeout(Duration::ZERO))
+                .await
+                .unwrap();
+            assert!(guard.fencing_token() > *fences.last().unwrap(), "{side}");
+            std::mem::forget(guard);
+            store.delete_lock("tick").await.unwrap();
+        }
+    });
 }

@@ -43,6 +43,15 @@ fn patient() -> LockOptions {
         .with_wait_time(Duration::from_secs(30))
 }
 
+/// Leaves the critical section when dropped, also when its task is cancelled.
+struct Leaves(Arc<AtomicUsize>);
+
+impl Drop for Leaves {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 struct Outcome {
     label: String,
     checker_waited: Duration,
@@ -80,8 +89,12 @@ async fn scenario(
                 0,
                 "two holders at once"
             );
+            // Declared after the guard, so it is dropped first: a client
+            // cancelled inside its section leaves it before its lock is
+            // released (by the guard's drop).
+            let section = Leaves(inside);
             tokio::time::sleep(Duration::from_millis(20)).await;
-            inside.fetch_sub(1, Ordering::SeqCst);
+            drop(section);
             guard.release().await
         })
     };

@@ -3,10 +3,114 @@
 //! and nothing here connects anywhere: the checks stop before a connection.
 
 use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
 use ticketlock::__testing::{check_config, check_url};
 use ticketlock::{LockError, StoreConfig, TicketLock};
 
 const SCRIPTS: [&str; 6] = ["issue", "poll", "release", "read", "update", "extend"];
+
+/// A URL-ish string with `secret` planted where a password or token goes,
+/// mangled the ways people mangle URLs: scheme typos, a missing or doubled
+/// `@`, stray separators, bad hosts, ports, paths and fragments.
+pub fn planted_url(secret: &'static str) -> impl Strategy<Value = String> {
+    let scheme = prop::sample::select(vec![
+        "redis://",
+        "rediss://",
+        "redis+cluster://",
+        "rediss+sentinel://",
+        "redis//",
+        "redis:/",
+        "redis:",
+        "http://",
+        "",
+        "://",
+        "REDIS://",
+        "redis+sentinel//",
+        "memory://",
+    ]);
+    let userinfo = prop::sample::select(vec![
+        "user:{s}@",
+        ":{s}@",
+        "{s}@",
+        "user:{s}@@",
+        "us@er:{s}@",
+        "user:{s}",
+        "user:{s}/",
+        "user:{s}#",
+        "user:{s},",
+        "{s}:",
+        ":{s}",
+        "user%3A{s}@",
+        "u:{s}@h:1,",
+        "{s}",
+    ]);
+    let host = prop::sample::select(vec![
+        "127.0.0.1:1",
+        "h",
+        "h:notaport",
+        "[::1",
+        "a:1,b:2",
+        "",
+        "h h",
+        "h:0",
+        "[::1]:2",
+        "::1",
+    ]);
+    let tail = prop::sample::select(vec![
+        "",
+        "/0",
+        "/x",
+        "/svc",
+        "/svc/2",
+        "#insecure",
+        "#x",
+        "?a=b",
+        "/0?x",
+        "/-1",
+    ]);
+    let junk = prop::sample::select(vec![
+        "", ":", "/", "@", "#", "?", ",", "[", "]", "%", " ", "://", "\n",
+    ]);
+    (
+        scheme,
+        userinfo,
+        host,
+        tail,
+        junk,
+        any::<prop::sample::Index>(),
+    )
+        .prop_map(move |(scheme, userinfo, host, tail, junk, at)| {
+            let mut url = format!("{scheme}{}{host}{tail}", userinfo.replace("{s}", secret));
+            // Junk anywhere but inside the secret (which it would only break up).
+            let secret_at = url.find(secret).unwrap_or(url.len());
+            let mut i = at.index(url.len() + 1);
+            if (secret_at..secret_at + secret.len()).contains(&i) {
+                i = secret_at;
+            }
+            while !url.is_char_boundary(i) {
+                i -= 1;
+            }
+            url.insert_str(i, junk);
+            url
+        })
+}
+
+/// Nothing of checking `config` shows `secret`; nor does the config itself
+/// where the secret is user-info (before the last `@`: a secret typed where
+/// the host goes is, as far as anyone can tell, a host).
+fn assert_hidden(secret: &str, url: &str, config: &StoreConfig) -> Result<(), TestCaseError> {
+    let user_info = url.rfind('@') > url.find(secret);
+    if user_info {
+        for text in [format!("{config:?}"), config.to_string()] {
+            prop_assert!(!text.contains(secret), "{url:?} shown as {text}");
+        }
+    }
+    if let Err(e) = check_config(config) {
+        prop_assert!(!e.to_string().contains(secret), "{url:?}: {e}");
+        prop_assert!(!format!("{e:?}").contains(secret), "{url:?}: {e:?}");
+    }
+    Ok(())
+}
 
 fn config_strategy() -> impl Strategy<Value = serde_json::Value> {
     let text = prop_oneof![
@@ -54,6 +158,32 @@ proptest! {
         if let Err(e) = check_url(&with_secret) {
             prop_assert!(!e.to_string().contains(&password), "{e}");
             prop_assert!(!format!("{e:?}").contains(&password), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn malformed_urls_never_show_a_planted_secret(url in planted_url("S3CRETxyzzy")) {
+        let secret = "S3CRETxyzzy";
+        match StoreConfig::from_url(&url) {
+            Err(e) => {
+                prop_assert!(!e.to_string().contains(secret), "{url:?}: {e}");
+                prop_assert!(!format!("{e:?}").contains(secret), "{url:?}: {e:?}");
+            }
+            Ok(config) => assert_hidden(secret, &url, &config)?,
+        }
+        if let Err(e) = check_url(&url) {
+            prop_assert!(!format!("{e} {e:?}").contains(secret), "{url:?}: {e}");
+        }
+        // The same text as a config's host (Rasa's `url:` key).
+        assert_hidden(secret, &url, &StoreConfig::redis(url.clone()))?;
+        // Sentinel credentials are never shown, whatever the URL holds.
+        let mut sentinel = StoreConfig::redis(url.clone());
+        sentinel.deployment_mode = ticketlock::DeploymentMode::Sentinel;
+        sentinel.sentinel_password = Some("S3NTINELpw".to_owned());
+        sentinel.sentinel_username = Some("S3NTINELuser".to_owned());
+        assert_hidden(secret, &url, &sentinel)?;
+        for text in [format!("{sentinel:?}"), sentinel.to_string()] {
+            prop_assert!(!text.contains("S3NTINEL"), "{url:?}: {text}");
         }
     }
 

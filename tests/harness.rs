@@ -1,4 +1,4 @@
-//! Self-checks of the test harness in `tests/support/mod.rs`.
+//! Self-checks of the test harness in `tests/support/`.
 
 mod support;
 
@@ -99,4 +99,17 @@ fn unique_prefixes_are_alphanumeric_and_distinct() {
     }
     let distinct: std::collections::HashSet<_> = prefixes.iter().collect();
     assert_eq!(distinct.len(), prefixes.len());
+}
+
+#[test]
+fn a_valkey_server_is_valkey_9_and_answers_ping() {
+    let server = RedisServer::start_valkey();
+    assert!(server.ping(), "log:\n{}", server.log());
+    let mut conn = support::connect(&server.url(), None, Duration::from_secs(1)).unwrap();
+    let info: redis::InfoDict = redis::cmd("INFO").arg("server").query(&mut conn).unwrap();
+    assert_eq!(info.get::<String>("server_name").as_deref(), Some("valkey"));
+    let version: String = info.get("valkey_version").expect("valkey_version");
+    assert!(version.starts_with("9."), "Valkey {version}, not 9");
+    assert_eq!(info.get::<u32>("process_id"), Some(server.pid()));
+    println!("valkey-server {version}");
 }
