@@ -138,15 +138,16 @@ step "python: pytest on the installed wheel (Python $("$MAIN_PY" -c 'import sys;
 (cd python && ../target/py/bin/python -m pytest -q -p no:cacheprovider tests)
 
 # The oldest supported Python with the oldest supported redis-py, and the newest Python.
+# (`read`, not `set --`: the script's own arguments go to cargo test below.)
 for pair in "3.8 redis==4.5.5" "3.13 redis>=5"; do
-    set -- $pair
-    if ! ver_py=$(pyenv_python "$1"); then
-        echo "WARNING: python $1 is not installed (pyenv); the package's tests did not run on it" >&2
+    read -r py_version redis_req <<<"$pair"
+    if ! ver_py=$(pyenv_python "$py_version"); then
+        echo "WARNING: python $py_version is not installed (pyenv); the package's tests did not run on it" >&2
         continue
     fi
-    venv="target/py${1/./}"
-    step "python: pytest on Python $1 with $2"
-    make_venv "$venv" "$ver_py" "$2" "pytest>=7"
+    venv="target/py${py_version/./}"
+    step "python: pytest on Python $py_version with $redis_req"
+    make_venv "$venv" "$ver_py" "$redis_req" "pytest>=7"
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps "$WHEEL"
     (cd python && "../$venv/bin/python" -m pytest -q -p no:cacheprovider tests)
 done
