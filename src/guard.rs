@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::backend::{AnyBackend, Backend, Polled, ReleaseMode, Remover, TicketRef};
+use crate::backend::{AnyBackend, Backend, Polled, Removal, Renewal, TicketRef};
 use crate::error::LockError;
 use crate::notify::{Notice, Removed};
 use crate::options::Resolved;
@@ -85,8 +85,7 @@ impl OwnedTicket {
         self.armed = false;
         if let AnyBackend::Memory(memory) = self.store.backend() {
             let cid = &*self.conversation_id;
-            let released =
-                memory.release_now(cid, self.ticket, ReleaseMode::Cleanup, Remover::Owner);
+            let released = memory.release_now(cid, Removal::by_owner(self.ticket));
             tracing::debug!(
                 conversation_id = cid,
                 ticket = self.ticket.number,
@@ -117,12 +116,7 @@ impl Drop for OwnedTicket {
             return;
         }
         if let AnyBackend::Memory(memory) = self.store.backend() {
-            memory.release_now(
-                &self.conversation_id,
-                self.ticket,
-                ReleaseMode::Cleanup,
-                Remover::Owner,
-            );
+            memory.release_now(&self.conversation_id, Removal::by_owner(self.ticket));
             return;
         }
         self.releaser().spawn();
@@ -144,7 +138,7 @@ impl Releaser {
         let released = self
             .store
             .backend()
-            .release(cid, self.ticket, ReleaseMode::Cleanup, Remover::Owner)
+            .release(cid, Removal::by_owner(self.ticket))
             .await
             .map_err(|f| fail(cid, f))?;
         tracing::debug!(
@@ -591,7 +585,14 @@ impl Keeper {
         let extended = self
             .store
             .backend()
-            .extend(cid, self.ticket.number, self.fence, lease_ms)
+            .extend(
+                cid,
+                Renewal {
+                    ticket: self.ticket.number,
+                    fence: self.fence,
+                    lease_ms,
+                },
+            )
             .await
             .map_err(|f| fail(cid, f))?;
         match extended {

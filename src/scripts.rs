@@ -91,6 +91,29 @@ pub struct Script {
     sharded: OnceLock<(String, String)>,
 }
 
+/// One invocation of a script: which one, on which keys, with which
+/// arguments (what a connection runs, however it routes and invokes it).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Call<'a> {
+    pub(crate) script: &'a Script,
+    pub(crate) keys: &'a [String],
+    pub(crate) args: &'a [String],
+}
+
+impl Call<'_> {
+    /// [`Script::run`] of this call.
+    pub(crate) async fn run(
+        self,
+        conn: &mut (impl ConnectionLike + Send),
+        invoke: Invoke,
+        channels: Channels,
+    ) -> RedisResult<Value> {
+        self.script
+            .run(conn, invoke, channels, self.keys, self.args)
+            .await
+    }
+}
+
 /// How a store runs the scripts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Invoke {
@@ -151,6 +174,15 @@ impl Script {
 
     fn function_name_for(&self, channels: Channels) -> String {
         format!("{}_{}", channels.library_name(), self.name)
+    }
+
+    /// This script on `keys` with `args`.
+    pub(crate) fn call<'a>(&'a self, keys: &'a [String], args: &'a [String]) -> Call<'a> {
+        Call {
+            script: self,
+            keys,
+            args,
+        }
     }
 
     /// Runs the operation, loading the code and retrying once if the server lacks it.

@@ -10,7 +10,9 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 
 use crate::backend::memory::MemoryBackend;
-use crate::backend::{AnyBackend, Backend, Polled, ReleaseMode, Remover, TicketRef, MAX_TICKET};
+use crate::backend::{
+    AnyBackend, Backend, IssueArgs, Polled, ReleaseMode, Removal, Remover, TicketRef, MAX_TICKET,
+};
 use crate::config::{self, ScriptMode, StoreConfig, StoreType, DEFAULT_SOCKET_TIMEOUT};
 use crate::error::LockError;
 use crate::guard::{grant_in, removes, Grant, LockGuard, OwnedTicket};
@@ -371,7 +373,14 @@ impl LockStore {
         });
         let outcome = self
             .backend()
-            .issue(cid, lifetime_ms, liveness_ms, request.as_deref())
+            .issue(
+                cid,
+                IssueArgs {
+                    lifetime_ms,
+                    liveness_ms,
+                    request: request.as_deref(),
+                },
+            )
             .await;
         if let Some(unknown) = unknown.as_mut() {
             if !matches!(&outcome, Err(fault) if fault.may_have_run()) {
@@ -730,7 +739,14 @@ impl LockStore {
             epoch: None,
         };
         self.backend()
-            .release(cid, ticket, mode, Remover::Admin)
+            .release(
+                cid,
+                Removal {
+                    ticket,
+                    mode,
+                    by: Remover::Admin,
+                },
+            )
             .await
             .map_err(|f| fail(cid, f))?;
         Ok(())

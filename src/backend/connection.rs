@@ -36,7 +36,7 @@ use super::classify::{classify, is_server_reply, Class};
 use super::sentinel::{Resolver, SentinelConn};
 use crate::keys::KeySpace;
 use crate::notify::{Notice, Notifier};
-use crate::scripts::{self, Channels, Invoke, Script};
+use crate::scripts::{self, Call, Channels, Invoke};
 
 /// How to reach the data, as the configuration described it (not connected
 /// yet); built by [`connect`](super::connect).
@@ -230,15 +230,9 @@ impl Conn {
     /// Runs `script` (see [`Script::run`]) the way `invoke` says; a refused
     /// FCALL in `Auto` mode switches the store to EVALSHA (logged once) and
     /// is repeated that way: the server did not run it.
-    pub(crate) async fn run(
-        &self,
-        script: &Script,
-        invoke: &Invoker,
-        keys: &[String],
-        args: &[String],
-    ) -> RedisResult<Value> {
+    pub(crate) async fn run(&self, call: Call<'_>, invoke: &Invoker) -> RedisResult<Value> {
         let how = invoke.current();
-        match self.run_as(script, how, keys, args).await {
+        match self.run_as(call, how).await {
             Err(e)
                 if how == Invoke::Functions
                     && invoke.may_fall_back
@@ -246,43 +240,29 @@ impl Conn {
             {
                 if invoke.fall_back() {
                     tracing::warn!(
-                        key = ?keys.first(),
+                        key = ?call.keys.first(),
                         error = %e,
                         "the server refused FCALL; running the scripts with EVALSHA from now on"
                     );
                 }
-                self.run_as(script, Invoke::Eval, keys, args).await
+                self.run_as(call, Invoke::Eval).await
             }
             result => result,
         }
     }
 
-    async fn run_as(
-        &self,
-        script: &Script,
-        invoke: Invoke,
-        keys: &[String],
-        args: &[String],
-    ) -> RedisResult<Value> {
+    async fn run_as(&self, call: Call<'_>, invoke: Invoke) -> RedisResult<Value> {
         let channels = self.channels();
         match self {
-            Conn::Standard(c) => {
-                script
-                    .run(&mut c.clone(), invoke, channels, keys, args)
-                    .await
-            }
-            Conn::Cluster(c) => {
-                script
-                    .run(&mut c.clone(), invoke, channels, keys, args)
-                    .await
-            }
+            Conn::Standard(c) => call.run(&mut c.clone(), invoke, channels).await,
+            Conn::Cluster(c) => call.run(&mut c.clone(), invoke, channels).await,
             // Boxed as a trait object: the store's futures nest deep enough
             // as they are, and the compiler's auto-trait checks stop here.
             Conn::Sentinel(s) => {
-                let call: std::pin::Pin<
+                let run: std::pin::Pin<
                     Box<dyn std::future::Future<Output = RedisResult<Value>> + Send + '_>,
-                > = Box::pin(s.run(script, invoke, keys, args));
-                call.await
+                > = Box::pin(s.run(call, invoke));
+                run.await
             }
         }
     }

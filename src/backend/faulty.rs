@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
-    Backend, Fault, Issued, Polled, Record, ReleaseMode, Released, Remover, Result, Subscription,
-    TicketRef, Updated,
+    Backend, Fault, IssueArgs, Issued, Polled, Record, Released, Removal, Renewal, Result,
+    Subscription, TicketRef, Updated,
 };
 use crate::inspect::Inspection;
 use crate::ticket::TicketLock;
@@ -110,44 +110,22 @@ impl<B: Backend> FaultyBackend<B> {
 }
 
 impl<B: Backend> Backend for FaultyBackend<B> {
-    async fn issue(
-        &self,
-        cid: &str,
-        lifetime_ms: u64,
-        liveness_ms: Option<u64>,
-        request: Option<&str>,
-    ) -> Result<Option<Issued>> {
-        self.around(
-            Op::Issue,
-            self.inner.issue(cid, lifetime_ms, liveness_ms, request),
-        )
-        .await
+    async fn issue(&self, cid: &str, args: IssueArgs<'_>) -> Result<Option<Issued>> {
+        self.around(Op::Issue, self.inner.issue(cid, args)).await
     }
     async fn cancel(&self, cid: &str, request: &str, remember_ms: u64) -> Result<Option<u64>> {
         self.around(Op::Cancel, self.inner.cancel(cid, request, remember_ms))
             .await
     }
-    async fn extend(
-        &self,
-        cid: &str,
-        ticket: u64,
-        fence: u64,
-        lease_ms: u64,
-    ) -> Result<Option<Duration>> {
-        self.around(Op::Extend, self.inner.extend(cid, ticket, fence, lease_ms))
+    async fn extend(&self, cid: &str, renewal: Renewal) -> Result<Option<Duration>> {
+        self.around(Op::Extend, self.inner.extend(cid, renewal))
             .await
     }
     async fn poll(&self, cid: &str, ticket: TicketRef) -> Result<Polled> {
         self.around(Op::Poll, self.inner.poll(cid, ticket)).await
     }
-    async fn release(
-        &self,
-        cid: &str,
-        ticket: TicketRef,
-        mode: ReleaseMode,
-        by: Remover,
-    ) -> Result<Released> {
-        self.around(Op::Release, self.inner.release(cid, ticket, mode, by))
+    async fn release(&self, cid: &str, removal: Removal) -> Result<Released> {
+        self.around(Op::Release, self.inner.release(cid, removal))
             .await
     }
     async fn read(&self, cid: &str, limit: Option<u64>) -> Result<Option<Record>> {

@@ -17,8 +17,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{
-    Backend, Fault, Issued, Polled, Record, ReleaseMode, Released, Remover, Result, Subscription,
-    TicketRef, Updated, KEY_TTL_MARGIN, MAX_TICKET,
+    Backend, Fault, IssueArgs, Issued, Polled, Record, ReleaseMode, Released, Removal, Remover,
+    Renewal, Result, Subscription, TicketRef, Updated, KEY_TTL_MARGIN, MAX_TICKET,
 };
 use crate::inspect::{InspectedRecord, InspectedTicket, Inspection};
 use crate::notify::{Notice, Notifier, Removed};
@@ -1028,13 +1028,8 @@ impl MemoryBackend {
     }
 
     /// lua/release.lua, at once.
-    pub(crate) fn release_now(
-        &self,
-        cid: &str,
-        ticket: TicketRef,
-        mode: ReleaseMode,
-        by: Remover,
-    ) -> Released {
+    pub(crate) fn release_now(&self, cid: &str, removal: Removal) -> Released {
+        let Removal { ticket, mode, by } = removal;
         self.run(cid, |s, now| s.release(cid, ticket, mode, by, now))
     }
 
@@ -1081,15 +1076,10 @@ impl MemoryBackend {
 }
 
 impl Backend for MemoryBackend {
-    async fn issue(
-        &self,
-        cid: &str,
-        lifetime_ms: u64,
-        liveness_ms: Option<u64>,
-        request: Option<&str>,
-    ) -> Result<Option<Issued>> {
-        let lifetime = Duration::from_millis(lifetime_ms);
-        let liveness = liveness_ms.map(Duration::from_millis);
+    async fn issue(&self, cid: &str, args: IssueArgs<'_>) -> Result<Option<Issued>> {
+        let lifetime = Duration::from_millis(args.lifetime_ms);
+        let liveness = args.liveness_ms.map(Duration::from_millis);
+        let request = args.request;
         self.try_run(cid, |s, now| s.issue(cid, lifetime, liveness, request, now))
             .map(|(issued, _)| issued)
     }
@@ -1099,14 +1089,9 @@ impl Backend for MemoryBackend {
         Ok(self.run(cid, |s, now| s.cancel(cid, request, remember, now)))
     }
 
-    async fn extend(
-        &self,
-        cid: &str,
-        ticket: u64,
-        fence: u64,
-        lease_ms: u64,
-    ) -> Result<Option<Duration>> {
-        let lease = Duration::from_millis(lease_ms);
+    async fn extend(&self, cid: &str, renewal: Renewal) -> Result<Option<Duration>> {
+        let lease = Duration::from_millis(renewal.lease_ms);
+        let (ticket, fence) = (renewal.ticket, renewal.fence);
         Ok(self.run(cid, |s, now| s.extend(cid, ticket, fence, lease, now)))
     }
 
@@ -1114,14 +1099,8 @@ impl Backend for MemoryBackend {
         Ok(self.run(cid, |s, now| s.poll(cid, ticket, now)))
     }
 
-    async fn release(
-        &self,
-        cid: &str,
-        ticket: TicketRef,
-        mode: ReleaseMode,
-        by: Remover,
-    ) -> Result<Released> {
-        Ok(self.run(cid, |s, now| s.release(cid, ticket, mode, by, now)))
+    async fn release(&self, cid: &str, removal: Removal) -> Result<Released> {
+        Ok(self.release_now(cid, removal))
     }
 
     async fn read(&self, cid: &str, limit: Option<u64>) -> Result<Option<Record>> {

@@ -97,6 +97,45 @@ pub(crate) enum Remover {
     Admin,
 }
 
+/// What an issue asks for (lua/issue.lua's ARGV).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct IssueArgs<'a> {
+    pub(crate) lifetime_ms: u64,
+    /// `Some` for a renewing ticket (what `lock` takes), `None` for a fixed
+    /// one (Rasa's `issue_ticket`); see lua/common.lua.
+    pub(crate) liveness_ms: Option<u64>,
+    /// The id `cancel` can give the ticket back by.
+    pub(crate) request: Option<&'a str>,
+}
+
+/// A holder renewing its lease (lua/extend.lua's ARGV): the grant is named
+/// by its ticket and fencing token, so only the holder can renew it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Renewal {
+    pub(crate) ticket: u64,
+    pub(crate) fence: u64,
+    pub(crate) lease_ms: u64,
+}
+
+/// A ticket leaving (lua/release.lua's ARGV).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Removal {
+    pub(crate) ticket: TicketRef,
+    pub(crate) mode: ReleaseMode,
+    pub(crate) by: Remover,
+}
+
+impl Removal {
+    /// The owner giving its ticket back, served or not.
+    pub(crate) fn by_owner(ticket: TicketRef) -> Removal {
+        Removal {
+            ticket,
+            mode: ReleaseMode::Cleanup,
+            by: Remover::Owner,
+        }
+    }
+}
+
 /// Reply of `read` (lua/read.lua).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Record {
@@ -209,16 +248,12 @@ pub(crate) type Result<T> = std::result::Result<T, Fault>;
 
 /// One method per script; each returns that script's decoded reply.
 pub(crate) trait Backend: Send + Sync {
-    /// `liveness_ms`: `Some` for a renewing ticket (what `lock` takes), `None`
-    /// for a fixed one (Rasa's `issue_ticket`); see lua/common.lua. `request`:
-    /// the id `cancel` can give the ticket back by. `None` when a `cancel`
-    /// for `request` came first: nothing was issued.
+    /// `None` when a `cancel` for the issue's request came first: nothing was
+    /// issued.
     fn issue(
         &self,
         cid: &str,
-        lifetime_ms: u64,
-        liveness_ms: Option<u64>,
-        request: Option<&str>,
+        args: IssueArgs<'_>,
     ) -> impl Future<Output = Result<Option<Issued>>> + Send;
     /// Gives back the ticket the issue carrying `request` took, or makes sure
     /// it takes none; the number given back, if the issue had run.
@@ -232,18 +267,11 @@ pub(crate) trait Backend: Send + Sync {
     fn extend(
         &self,
         cid: &str,
-        ticket: u64,
-        fence: u64,
-        lease_ms: u64,
+        renewal: Renewal,
     ) -> impl Future<Output = Result<Option<Duration>>> + Send;
     fn poll(&self, cid: &str, ticket: TicketRef) -> impl Future<Output = Result<Polled>> + Send;
-    fn release(
-        &self,
-        cid: &str,
-        ticket: TicketRef,
-        mode: ReleaseMode,
-        by: Remover,
-    ) -> impl Future<Output = Result<Released>> + Send;
+    fn release(&self, cid: &str, removal: Removal)
+        -> impl Future<Output = Result<Released>> + Send;
     /// `limit`: how many tickets to list from the head, `None` for all.
     fn read(
         &self,
@@ -303,38 +331,20 @@ impl AnyBackend {
 }
 
 impl Backend for AnyBackend {
-    async fn issue(
-        &self,
-        cid: &str,
-        lifetime_ms: u64,
-        liveness_ms: Option<u64>,
-        request: Option<&str>,
-    ) -> Result<Option<Issued>> {
-        dispatch!(self, b => b.issue(cid, lifetime_ms, liveness_ms, request))
+    async fn issue(&self, cid: &str, args: IssueArgs<'_>) -> Result<Option<Issued>> {
+        dispatch!(self, b => b.issue(cid, args))
     }
     async fn cancel(&self, cid: &str, request: &str, remember_ms: u64) -> Result<Option<u64>> {
         dispatch!(self, b => b.cancel(cid, request, remember_ms))
     }
-    async fn extend(
-        &self,
-        cid: &str,
-        ticket: u64,
-        fence: u64,
-        lease_ms: u64,
-    ) -> Result<Option<Duration>> {
-        dispatch!(self, b => b.extend(cid, ticket, fence, lease_ms))
+    async fn extend(&self, cid: &str, renewal: Renewal) -> Result<Option<Duration>> {
+        dispatch!(self, b => b.extend(cid, renewal))
     }
     async fn poll(&self, cid: &str, ticket: TicketRef) -> Result<Polled> {
         dispatch!(self, b => b.poll(cid, ticket))
     }
-    async fn release(
-        &self,
-        cid: &str,
-        ticket: TicketRef,
-        mode: ReleaseMode,
-        by: Remover,
-    ) -> Result<Released> {
-        dispatch!(self, b => b.release(cid, ticket, mode, by))
+    async fn release(&self, cid: &str, removal: Removal) -> Result<Released> {
+        dispatch!(self, b => b.release(cid, removal))
     }
     async fn read(&self, cid: &str, limit: Option<u64>) -> Result<Option<Record>> {
         dispatch!(self, b => b.read(cid, limit))

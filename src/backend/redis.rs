@@ -16,8 +16,8 @@ use redis::Value;
 use super::connection::{Conn, Connector, Invoker};
 use super::memory::ceil_ms;
 use super::{
-    Backend, Fault, Issued, Polled, Record, ReleaseMode, Released, Remover, Result, Subscription,
-    TicketRef, Updated,
+    Backend, Fault, IssueArgs, Issued, Polled, Record, Released, Removal, Remover, Renewal, Result,
+    Subscription, TicketRef, Updated,
 };
 use crate::config::ScriptMode;
 use crate::inspect::{InspectedRecord, InspectedTicket, Inspection};
@@ -112,7 +112,7 @@ impl RedisBackend {
     async fn call(&self, script: &Script, cid: &str, args: &[String]) -> Result<Value> {
         let keys = [self.keys.key(cid)];
         Ok(match (&self.manual_clock, &self.conn) {
-            (None, conn) => conn.run(script, &self.invoke, &keys, args).await?,
+            (None, conn) => conn.run(script.call(&keys, args), &self.invoke).await?,
             (Some(clock_key), Conn::Standard(conn)) => {
                 let code = script.with_manual_clock(clock_key);
                 let mut call = redis::cmd("EVAL");
@@ -346,17 +346,11 @@ pub(crate) fn decode_inspect(reply: Value) -> Result<Inspection> {
 }
 
 impl Backend for RedisBackend {
-    async fn issue(
-        &self,
-        cid: &str,
-        lifetime_ms: u64,
-        liveness_ms: Option<u64>,
-        request: Option<&str>,
-    ) -> Result<Option<Issued>> {
+    async fn issue(&self, cid: &str, issue: IssueArgs<'_>) -> Result<Option<Issued>> {
         let args = [
-            lifetime_ms.to_string(),
-            liveness_ms.map(|l| l.to_string()).unwrap_or_default(),
-            request.unwrap_or_default().to_owned(),
+            issue.lifetime_ms.to_string(),
+            issue.liveness_ms.map(|l| l.to_string()).unwrap_or_default(),
+            issue.request.unwrap_or_default().to_owned(),
         ];
         decode_issue(&self.run(&scripts::ISSUE, cid, &args).await?)
     }
@@ -366,14 +360,12 @@ impl Backend for RedisBackend {
         decode_cancel(&self.run(&scripts::CANCEL, cid, &args).await?)
     }
 
-    async fn extend(
-        &self,
-        cid: &str,
-        ticket: u64,
-        fence: u64,
-        lease_ms: u64,
-    ) -> Result<Option<Duration>> {
-        let args = [ticket.to_string(), fence.to_string(), lease_ms.to_string()];
+    async fn extend(&self, cid: &str, renewal: Renewal) -> Result<Option<Duration>> {
+        let args = [
+            renewal.ticket.to_string(),
+            renewal.fence.to_string(),
+            renewal.lease_ms.to_string(),
+        ];
         decode_extend(&self.run(&scripts::EXTEND, cid, &args).await?)
     }
 
@@ -382,13 +374,8 @@ impl Backend for RedisBackend {
         decode_poll(&self.run(&scripts::POLL, cid, &args).await?)
     }
 
-    async fn release(
-        &self,
-        cid: &str,
-        ticket: TicketRef,
-        mode: ReleaseMode,
-        by: Remover,
-    ) -> Result<Released> {
+    async fn release(&self, cid: &str, removal: Removal) -> Result<Released> {
+        let Removal { ticket, mode, by } = removal;
         let args = [
             ticket.number.to_string(),
             mode.as_str().to_owned(),

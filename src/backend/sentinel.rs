@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use super::classify::{classify, Class};
 use super::connection::{manager_config, within, Bounded};
 use crate::notify::{Notice, Notifier};
-use crate::scripts::{Channels, Invoke, Script};
+use crate::scripts::{Call, Channels, Invoke};
 
 /// How often at most the sentinels are asked again about the master.
 const RESOLVE_INTERVAL: Duration = Duration::from_millis(200);
@@ -177,23 +177,10 @@ impl SentinelConn {
         Bounded::new(self.current().manager, self.timeout)
     }
 
-    pub(super) async fn run(
-        &self,
-        script: &Script,
-        invoke: Invoke,
-        keys: &[String],
-        args: &[String],
-    ) -> RedisResult<Value> {
+    pub(super) async fn run(&self, call: Call<'_>, invoke: Invoke) -> RedisResult<Value> {
         let current = self.current();
-        let result = script
-            .run(
-                &mut Bounded::new(current.manager.clone(), self.timeout),
-                invoke,
-                Channels::Classic,
-                keys,
-                args,
-            )
-            .await;
+        let mut manager = Bounded::new(current.manager.clone(), self.timeout);
+        let result = call.run(&mut manager, invoke, Channels::Classic).await;
         let Err(e) = &result else {
             return result;
         };
@@ -206,9 +193,7 @@ impl SentinelConn {
             Verdict::NotMaster => {
                 if self.refresh(current.generation, false).await {
                     let mut master = self.master();
-                    script
-                        .run(&mut master, invoke, Channels::Classic, keys, args)
-                        .await
+                    call.run(&mut master, invoke, Channels::Classic).await
                 } else {
                     result
                 }
