@@ -1,4 +1,8 @@
 //! [`LockStore`]: the public handle, Rasa's method names, and the acquire loop.
+//!
+//! Over 700 lines on purpose: it is the whole public surface of the store
+//! (each method short, documented with its Rasa name) plus the one acquire
+//! loop they share; guards, options, config and backends live elsewhere.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -2,6 +2,8 @@
 //! the library, `scripts show` / `scripts load` (and other clients calling
 //! the loaded scripts by SHA and by function name), exit codes for rejected
 //! settings, and `-v` showing the library's events.
+//! Long on purpose: each test drives the binary as a user would, one
+//! subcommand and outcome per test, with its expected output spelled out.
 
 mod support;
 

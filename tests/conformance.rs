@@ -2,6 +2,9 @@
 //! against a real `redis-server` and `valkey-server` (started by `support`),
 //! once with EVALSHA and once with the Functions library, which is what
 //! proves the Lua scripts and the in-memory state machine keep the same rules.
+//!
+//! Long on purpose: one short case per rule, all in one file so that one
+//! macro runs every case on every fixture and none can be left out.
 
 mod support;
 

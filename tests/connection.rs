@@ -1,5 +1,6 @@
 //! Connecting to real servers: passwords, ACL users, TLS, socket timeouts,
 //! restarts, `SCRIPT FLUSH` and unreachable servers.
+//! Long on purpose: one self-contained test per way of reaching a server.
 //!
 //! Every test starts its own `redis-server` (`support::RedisServer`), on
 //! 127.0.0.1 only, killed by pid on drop: they configure, freeze and restart

@@ -2,6 +2,8 @@
 //! their critical section, fencing tokens across processes, a Redis server
 //! killed and restarted or frozen under load, and a linearizability-style
 //! check of the grant/release history of four processes.
+//! Long on purpose: each scenario sets up its own processes and servers and
+//! reads top to bottom; they share the harness, not each other's steps.
 //!
 //! The other processes are `examples/participant.rs` (built once per test
 //! binary, see [`participant_bin`]); each is killed by its own pid when its

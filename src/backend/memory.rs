@@ -9,6 +9,10 @@
 //!
 //! Every call answers at once (nothing awaits), so the store needs no task of
 //! its own to make a call cancel-safe.
+//!
+//! Longer than the crate's other files on purpose: one transition per script
+//! and one helper per common.lua helper, kept side by side as lua/ keeps them,
+//! so a rule and its twin are read (and mutation-tested) together.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};

@@ -1,6 +1,9 @@
 """The asyncio store (``redis.asyncio``): the same API as :class:`LockStore`,
 plus auto-renew and ``lost`` on the guard. One pub/sub connection per store
-(per shard on a cluster) carries every waiter's wake-ups."""
+(per shard on a cluster) carries every waiter's wake-ups.
+
+Over 700 lines on purpose: the store, its guard, the shared pub/sub reader and
+the acquire loop belong together, as src/store.rs and src/guard.rs do."""
 
 from __future__ import annotations
 
