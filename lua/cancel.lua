@@ -26,15 +26,10 @@ local remember = integer_arg(ARGV[2], 'remember_ms', 1, MAX_LIFETIME_MS)
 local now, now_us = clock()
 local m = load(key)
 
-if m.exists then
-  local all = redis.call('HGETALL', key)
-  for i = 1, #all, 2 do
-    local number = string.match(all[i], '^t(%d+)$')
-    if number and parse(m, tonumber(number), all[i + 1]).request == request then
-      number = tonumber(number)
-      leave(m, number, all[i + 1], 'cleanup', true, now, now_us, nil)
-      return { 1, number }
-    end
+for _, t in ipairs(all_tickets(m)) do
+  if t.request == request then
+    leave(m, t.number, t.value, 'cleanup', true, now, now_us, nil)
+    return { 1, t.number }
   end
 end
 

@@ -179,6 +179,23 @@ local function parse(m, number, value)
   return effective(m, t)
 end
 
+-- Every ticket of the record, parsed (with its hash field and raw value), in
+-- no particular order: one HGETALL, for the scripts that must see them all.
+local function all_tickets(m)
+  local tickets = {}
+  if not m.exists then return tickets end
+  local all = redis.call('HGETALL', m.key)
+  for i = 1, #all, 2 do
+    local number = string.match(all[i], '^t(%d+)$')
+    if number then
+      local t = parse(m, tonumber(number), all[i + 1])
+      t.field, t.value = all[i], all[i + 1]
+      tickets[#tickets + 1] = t
+    end
+  end
+  return tickets
+end
+
 local function format(t)
   local text = int(t.at) .. ' ' .. int(t.lease) .. ' ' .. int(t.liveness)
   if t.request ~= '' then text = text .. ' ' .. t.request end

@@ -42,17 +42,7 @@ local cancelled = 0
 for _ in string.gmatch(m.x or '', '%S+ %d+') do cancelled = cancelled + 1 end
 if not m.exists then return { 0, -1, -1, -1, -1, -1, -1, ttl, -1, -1, cancelled } end
 
-local tickets = {}
-local all = redis.call('HGETALL', key)
-for i = 1, #all, 2 do
-  local number = string.match(all[i], '^t(%d+)$')
-  if number then
-    number = tonumber(number)
-    local t = parse(m, number, all[i + 1])
-    t.number = number
-    tickets[#tickets + 1] = t
-  end
-end
+local tickets = all_tickets(m)
 table.sort(tickets, function(a, b) return a.number < b.number end)
 local live, head = 0, -1
 for _, t in ipairs(tickets) do

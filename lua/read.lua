@@ -31,17 +31,8 @@ if limit == 0 then
 end
 
 local live = {}
-local all = redis.call('HGETALL', key)
-for i = 1, #all, 2 do
-  local number = string.match(all[i], '^t(%d+)$')
-  if number then
-    number = tonumber(number)
-    local t = parse(m, number, all[i + 1])
-    if t.at >= now then
-      t.number = number
-      live[#live + 1] = t
-    end
-  end
+for _, t in ipairs(all_tickets(m)) do
+  if t.at >= now then live[#live + 1] = t end
 end
 table.sort(live, function(a, b) return a.number < b.number end)
 reply[4] = #live

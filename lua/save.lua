@@ -50,16 +50,7 @@ if #saved == 0 and not m.exists then return { -1 } end
 
 -- Read every ticket there is before writing anything.
 local present = {}
-if m.exists then
-  local all = redis.call('HGETALL', key)
-  for i = 1, #all, 2 do
-    local number = string.match(all[i], '^t(%d+)$')
-    if number then
-      number = tonumber(number)
-      present[number] = parse(m, number, all[i + 1])
-    end
-  end
-end
+for _, t in ipairs(all_tickets(m)) do present[t.number] = t end
 
 local w = writes()
 local made = false

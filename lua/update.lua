@@ -19,17 +19,11 @@ if not m.exists then return { 0, -1 } end
 -- Every ticket is read before anything is written.
 local w = writes()
 local head, ticket = -1, nil
-local all = redis.call('HGETALL', key)
-for i = 1, #all, 2 do
-  local number = string.match(all[i], '^t(%d+)$')
-  if number then
-    number = tonumber(number)
-    local t = parse(m, number, all[i + 1])
-    if t.at < now then
-      w.del[#w.del + 1] = all[i]
-    elseif head == -1 or number < head then
-      head, ticket = number, t
-    end
+for _, t in ipairs(all_tickets(m)) do
+  if t.at < now then
+    w.del[#w.del + 1] = t.field
+  elseif head == -1 or t.number < head then
+    head, ticket = t.number, t
   end
 end
 local granted = grant(m, w, head, now, now_us)

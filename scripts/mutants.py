@@ -157,7 +157,7 @@ LUA = [
            must=False),
     # read.lua
     Mutant("read: a ticket expiring now is left out", L + "read.lua",
-           "    if t.at >= now then", "    if t.at > now then"),
+           "  if t.at >= now then live", "  if t.at > now then live"),
     Mutant("read: with limit 0 there is always someone", L + "read.lua",
            "  if head ~= -1 then reply[4] = 1 end", "  reply[4] = 1"),
     Mutant("read leaves the terms out", L + "read.lua",
@@ -178,14 +178,13 @@ LUA = [
            must=False),
     # cancel.lua
     Mutant("cancel does not give back a ticket that was issued", L + "cancel.lua",
-           "      leave(m, number, all[i + 1], 'cleanup', true, now, now_us, nil)\n      return { 1, number }",
-           "      return { 1, number }"),
+           "    leave(m, t.number, t.value, 'cleanup', true, now, now_us, nil)\n", ""),
     Mutant("cancel remembers nothing", L + "cancel.lua",
            "redis.call('HSET', key, 'next', 'v2', 'x', x .. request .. ' ' .. int(now + remember))",
            "redis.call('HSET', key, 'next', 'v2')"),
     # update.lua and delete.lua
     Mutant("update: a ticket expiring now is dropped", L + "update.lua",
-           "    if t.at < now then", "    if t.at <= now then"),
+           "  if t.at < now then", "  if t.at <= now then"),
     Mutant("update: a new grant is not announced", L + "update.lua",
            "if granted then announce(m, head, -1, effective(m, ticket).at - now) end", "",
            must=False),
