@@ -674,6 +674,8 @@ struct ServerWork {
     /// (`INFO`, `CONFIG`, `PING`, `HELLO`, `CLIENT`, `SCRIPT`, `FUNCTION`,
     /// (un)subscribing): with nothing else sent, the scripts' `redis.call`s.
     inner_calls: f64,
+    /// `SUBSCRIBE` and `SSUBSCRIBE` commands (a round trip each).
+    subscribes: f64,
 }
 
 impl ServerWork {
@@ -681,6 +683,7 @@ impl ServerWork {
         self.script_usec += other.script_usec;
         self.script_calls += other.script_calls;
         self.inner_calls += other.inner_calls;
+        self.subscribes += other.subscribes;
     }
 }
 
@@ -716,6 +719,9 @@ async fn server_work(conn: &mut ConnectionManager) -> ServerWork {
             "ssubscribe",
             "sunsubscribe",
         ];
+        if name == "subscribe" || name == "ssubscribe" {
+            work.subscribes += calls;
+        }
         if SCRIPT_COMMANDS.contains(&name) {
             work.script_usec += usec;
             work.script_calls += calls;
@@ -887,6 +893,9 @@ struct Bench {
     failures: Vec<String>,
     /// Floor RTT (mean, p50).
     rtt: (Duration, Duration),
+    /// Row 1's server work per uncontended cycle (FCALL): (µs, scripts,
+    /// redis.calls).
+    cycle_work: (f64, f64, f64),
 }
 
 impl Bench {
@@ -1031,6 +1040,7 @@ impl Bench {
             (w.script_usec / n, w.inner_calls / n, w.script_calls / n)
         };
         let [fcall, eval, reference] = totals.map(per_cycle);
+        self.cycle_work = fcall;
         let text = |(usec, inner, scripts): (f64, f64, f64)| {
             format!("{usec:.1} µs ({scripts:.0} scripts, {inner:.1} redis.calls)")
         };
@@ -1193,19 +1203,18 @@ impl Bench {
         )
         .await;
         let mut runs: Vec<Vec<Contended>> = vec![Vec::new(), Vec::new()];
+        let span = Duration::from_millis(1500);
+        // What the server does per grant, over all four runs.
+        reset_stats(&mut self.admin).await;
+        let mut grants = 0.0;
         for _ in 0..2 {
             for (i, wait) in waits.iter().enumerate() {
-                let r = contend(
-                    &lockers(*wait),
-                    4,
-                    "hot",
-                    Duration::from_millis(1500),
-                    &watch,
-                )
-                .await;
+                let r = contend(&lockers(*wait), 4, "hot", span, &watch).await;
+                grants += r.grants_per_s * span.as_secs_f64();
                 runs[i].push(r);
             }
         }
+        let work = server_work(&mut self.admin).await;
         watch.report("hot conversation", &mut self.failures);
         let merged: Vec<Contended> = runs.into_iter().map(merge).collect();
         // Against the mean: the RTT is bimodal here, so its p50 jumps between runs.
@@ -1223,6 +1232,23 @@ impl Bench {
                 Target::AtMost(2.0),
             );
         }
+        let grants = grants.max(1.0);
+        let (base_usec, base_scripts, base_calls) = self.cycle_work;
+        self.row(
+            "4 hot: server work per grant (INFO commandstats)",
+            format!(
+                "{:.1} µs ({:.1} scripts, {:.1} redis.calls, {:.2} SUBSCRIBEs)",
+                work.script_usec / grants,
+                work.script_calls / grants,
+                work.inner_calls / grants,
+                work.subscribes / grants
+            ),
+            format!(
+                "uncontended cycle: {base_usec:.1} µs ({base_scripts:.0} scripts, {base_calls:.1} redis.calls)"
+            ),
+            (base_usec > 0.0).then(|| work.script_usec / grants / base_usec),
+            Target::None,
+        );
         self.row(
             "4 hot: wait_time 10 ms vs 1 s (hand-offs/s)",
             format!(
@@ -1654,6 +1680,7 @@ fn main() {
             rows: Vec::new(),
             failures: Vec::new(),
             rtt: (Duration::ZERO, Duration::ZERO),
+            cycle_work: (0.0, 0.0, 0.0),
         };
         bench.uncontended().await;
         bench.server_time().await;
