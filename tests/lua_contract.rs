@@ -12,7 +12,7 @@ mod support;
 use std::thread;
 use std::time::Duration;
 
-use ticketlock::{functions_library, LIBRARY_NAME};
+use ticketlock::LIBRARY_NAME;
 
 struct Server {
     _server: support::RedisServer,
@@ -24,13 +24,7 @@ impl Server {
     fn start() -> Server {
         let server = support::RedisServer::start();
         let client = redis::Client::open(server.url().as_str()).unwrap();
-        let mut conn = client.get_connection().unwrap();
-        let _: String = redis::cmd("FUNCTION")
-            .arg("LOAD")
-            .arg("REPLACE")
-            .arg(functions_library())
-            .query(&mut conn)
-            .unwrap();
+        let conn = server.library_connection();
         Server {
             _server: server,
             client,

@@ -9,7 +9,7 @@ mod support;
 
 use std::collections::BTreeMap;
 
-use ticketlock::{functions_library, LockStore, LIBRARY_NAME};
+use ticketlock::{LockStore, LIBRARY_NAME};
 
 const ISSUE_BUDGET: f64 = 8.0;
 const RELEASE_BUDGET: f64 = 5.0;
@@ -25,16 +25,7 @@ impl Server {
     fn start() -> Server {
         let server = support::RedisServer::start();
         let url = server.url();
-        let mut conn = redis::Client::open(url.as_str())
-            .unwrap()
-            .get_connection()
-            .unwrap();
-        let _: String = redis::cmd("FUNCTION")
-            .arg("LOAD")
-            .arg("REPLACE")
-            .arg(functions_library())
-            .query(&mut conn)
-            .unwrap();
+        let conn = server.library_connection();
         Server {
             _server: server,
             conn,

@@ -233,6 +233,22 @@ impl RedisServer {
         self.launch.client_cert.as_ref()
     }
 
+    /// A plain connection to this server with the `ticketlock_v2` Functions
+    /// library loaded, for tests that call the scripts as other clients do.
+    pub fn library_connection(&self) -> redis::Connection {
+        let mut conn = redis::Client::open(self.url().as_str())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let _: String = redis::cmd("FUNCTION")
+            .arg("LOAD")
+            .arg("REPLACE")
+            .arg(ticketlock::functions_library())
+            .query(&mut conn)
+            .unwrap();
+        conn
+    }
+
     /// `redis://127.0.0.1:<port>`, or `rediss://127.0.0.1:<port>` for a TLS
     /// server (no credentials either way).
     pub fn url(&self) -> String {
