@@ -343,3 +343,45 @@ fn fencing_tokens_grow_over_grants_within_one_clock_tick() {
         }
     });
 }
+
+/// A ticket is live up to and including the instant it expires, for every
+/// script that drops expired tickets: on the manual clock the expiry falls
+/// exactly on "now", which real time almost never hits.
+#[test]
+fn a_ticket_expiring_now_is_still_live() {
+    let rt = runtime();
+    let url = support::redis_url();
+    rt.block_on(async move {
+        let prefix = support::unique_prefix("boundary");
+        let ((memory, memory_clock), (redis, redis_clock)) =
+            manual_clock_stores(&url, &prefix).await.unwrap();
+        for (side, store, clock) in [
+            ("memory", memory, memory_clock),
+            ("redis", redis, redis_clock),
+        ] {
+            let lifetime = Duration::from_millis(100);
+            assert_eq!(store.issue_ticket("edge", lifetime).await.unwrap(), 0);
+            assert_eq!(store.issue_ticket("edge", lifetime).await.unwrap(), 1);
+            clock.advance(lifetime).await;
+            store.update_lock("edge").await.unwrap();
+            let lock = store.get_lock("edge").await.unwrap();
+            let numbers: Vec<u64> = lock
+                .as_ref()
+                .map(|l| l.tickets().iter().map(Ticket::number).collect())
+                .unwrap_or_default();
+            assert_eq!(
+                numbers,
+                [0, 1],
+                "{side}: update_lock dropped tickets expiring now"
+            );
+            clock.advance(Duration::from_millis(1)).await;
+            store.update_lock("edge").await.unwrap();
+            let lock = store.get_lock("edge").await.unwrap();
+            assert!(
+                lock.is_none_or(|l| l.tickets().is_empty()),
+                "{side}: a millisecond later both are expired"
+            );
+            store.delete_lock("edge").await.unwrap();
+        }
+    });
+}

@@ -146,3 +146,162 @@ fn a_picked_up_grant_renews_past_its_first_lease() {
     );
     assert!(read[5] > 1000, "{read:?}");
 }
+
+/// Sets up `cid` with a holder on a 200 ms lease (ticket 0) and a renewing
+/// waiter (ticket 1), and lets the holder's lease lapse: the next script to
+/// run on the conversation must hand the lock to ticket 1. Returns the
+/// record's epoch.
+fn a_lapsed_holder_and_a_waiter(s: &mut Server, cid: &str) -> String {
+    let holder = s.ints("issue", cid, &["200", "60000", "holder"]);
+    assert_eq!((holder[0], holder[2]), (0, 0), "{holder:?}");
+    let waiter = issue(s, cid, "waiter");
+    assert_eq!((waiter[0], waiter[2]), (1, 0), "{waiter:?}");
+    thread::sleep(Duration::from_millis(300));
+    holder[1].to_string()
+}
+
+/// The wake-up the next message on `pubsub` carries, as its fields.
+fn told(pubsub: &mut redis::PubSub<'_>, what: &str) -> Vec<i64> {
+    let message = pubsub
+        .get_message()
+        .unwrap_or_else(|e| panic!("{what}: the new holder was not told: {e}"));
+    let payload: String = message.get_payload().unwrap();
+    payload.split(' ').map(|f| f.parse().unwrap()).collect()
+}
+
+/// Whichever script finds the lapsed lease makes the next grant, and every
+/// one of them announces it: the waiter must not sleep until its own
+/// check-in (a third of its 60 s liveness here).
+#[test]
+fn a_grant_made_by_any_script_is_announced() {
+    let mut s = Server::start();
+    let cases: [(&str, &str); 4] = [
+        ("issue", "a newcomer's issue"),
+        ("poll", "another waiter's check-in"),
+        ("extend", "the lapsed holder's extend"),
+        ("update", "update_lock"),
+    ];
+    for (op, what) in cases {
+        let cid = format!("grant-by-{op}");
+        let epoch = a_lapsed_holder_and_a_waiter(&mut s, &cid);
+        let mut sub = s.client.get_connection().unwrap();
+        sub.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut pubsub = sub.as_pubsub();
+        pubsub.subscribe(key(&cid)).unwrap();
+        match op {
+            "issue" => {
+                let newcomer = issue(&mut s, &cid, "newcomer");
+                assert_eq!((newcomer[0], newcomer[2]), (2, 1), "{what}: {newcomer:?}");
+            }
+            "poll" => {
+                // The lapsed holder's own poll: gone, and the lock moves on.
+                let polled = s.ints("poll", &cid, &["0", &epoch]);
+                assert_eq!((polled[0], polled[1]), (-1, 1), "{what}: {polled:?}");
+            }
+            "extend" => {
+                let fence = s.ints("inspect", &cid, &["0"])[5].to_string();
+                assert_eq!(
+                    s.ints("extend", &cid, &["0", &fence, "1000"]),
+                    [0, -1],
+                    "{what}"
+                );
+            }
+            _ => assert_eq!(s.ints("update", &cid, &[]), [1, 1], "{what}"),
+        }
+        let wake = told(&mut pubsub, what);
+        assert_eq!(wake[1], 1, "{what}: the wake-up names ticket 1: {wake:?}");
+        assert!(wake[2] > 0, "{what}: with its fencing token: {wake:?}");
+    }
+}
+
+/// The epoch tells a ticket from one that reuses its number after the record
+/// was deleted: a poll with the old epoch is gone, never served.
+#[test]
+fn a_poll_from_an_older_record_is_gone() {
+    let mut s = Server::start();
+    let first = issue(&mut s, "c8", "first");
+    assert_eq!(first[0], 0);
+    let old_epoch = first[1].to_string();
+    assert_eq!(
+        s.ints("release", "c8", &["0", "cleanup", &old_epoch, "owner"]),
+        [1, -1]
+    );
+    thread::sleep(Duration::from_millis(2));
+    let second = issue(&mut s, "c8", "second");
+    assert_eq!(second[0], 0, "numbering starts afresh: {second:?}");
+    assert_ne!(second[1], first[1], "a new record, a new epoch");
+    let polled = s.ints("poll", "c8", &["0", &old_epoch]);
+    assert_eq!(polled[0], -1, "the old ticket 0 is gone: {polled:?}");
+    assert_eq!(polled[5], -1, "and gets no fencing token: {polled:?}");
+}
+
+/// A poll picks a grant up: from then on inspect no longer counts it as
+/// waiting for its owner.
+#[test]
+fn a_poll_picks_the_grant_up() {
+    let mut s = Server::start();
+    let holder = issue(&mut s, "c9", "holder");
+    let epoch = holder[1].to_string();
+    assert_eq!(issue(&mut s, "c9", "waiter")[0], 1);
+    assert_eq!(
+        s.ints("release", "c9", &["0", "cleanup", &epoch, "owner"]),
+        [1, 1]
+    );
+    let inspected = s.ints("inspect", "c9", &["0"]);
+    assert!(
+        inspected[6] >= 0,
+        "granted, not yet picked up: {inspected:?}"
+    );
+    let polled = s.ints("poll", "c9", &["1", &epoch]);
+    assert_eq!(polled[0], 1, "{polled:?}");
+    let inspected = s.ints("inspect", "c9", &["0"]);
+    assert_eq!(inspected[6], -1, "picked up by the poll: {inspected:?}");
+}
+
+/// A record whose counter is not an integer is refused by every script that
+/// reads it, and left as it was.
+#[test]
+fn a_record_with_a_fractional_counter_is_refused() {
+    let mut s = Server::start();
+    assert_eq!(issue(&mut s, "c10", "a")[0], 0);
+    let _: () = redis::cmd("HSET")
+        .arg(key("c10"))
+        .arg("n")
+        .arg("1.5")
+        .query(&mut s.conn)
+        .unwrap();
+    let refused: redis::RedisResult<redis::Value> = redis::cmd("FCALL")
+        .arg(format!("{LIBRARY_NAME}_issue"))
+        .arg(1)
+        .arg(key("c10"))
+        .arg(&["60000", "5000", "b"])
+        .query(&mut s.conn);
+    let error = refused.expect_err("a counter of 1.5 was accepted");
+    assert!(error.to_string().contains("WRONGTYPE"), "{error}");
+    assert!(error.to_string().contains("1.5"), "{error}");
+    let fields: Vec<String> = redis::cmd("HKEYS")
+        .arg(key("c10"))
+        .query(&mut s.conn)
+        .unwrap();
+    assert!(!fields.contains(&"t1".to_string()), "{fields:?}");
+}
+
+/// A snapshot saved back keeps each ticket's request id, so a caller whose
+/// issue timed out can still give its ticket back with cancel.
+#[test]
+fn a_saved_ticket_can_still_be_cancelled() {
+    let mut s = Server::start();
+    assert_eq!(issue(&mut s, "c11", "holder")[0], 0);
+    assert_eq!(issue(&mut s, "c11", "gave-up")[0], 1);
+    let read = s.ints("read", "c11", &["-1"]);
+    assert_eq!(read[3], 2, "{read:?}");
+    let mut args: Vec<String> = vec![read[1].to_string()];
+    args.extend(read[4..].iter().map(|v| v.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert_eq!(s.ints("save", "c11", &args), [0]);
+    assert_eq!(
+        s.ints("cancel", "c11", &["gave-up", "60000"]),
+        [1, 1],
+        "the saved ticket 1 was not found by its request id"
+    );
+}
