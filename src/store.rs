@@ -601,12 +601,9 @@ impl LockStore {
     /// A read-only snapshot of the conversation's queue (expired tickets left
     /// out), or `None` when the conversation has no record.
     pub async fn get_lock(&self, conversation_id: &str) -> Result<Option<TicketLock>, LockError> {
-        validate::conversation_id(conversation_id)?;
         let record = self
-            .backend()
-            .read(conversation_id, None)
-            .await
-            .map_err(|f| fail(conversation_id, f))?;
+            .on(conversation_id, |b| b.read(conversation_id, None))
+            .await?;
         Ok(record.map(|r| TicketLock::from_parts(conversation_id.to_owned(), r.tickets, r.next)))
     }
 
@@ -682,32 +679,23 @@ impl LockStore {
     /// Deletes the conversation's record and every ticket in it; its waiters
     /// get [`LockError::Expired`], and its holder's [`LockGuard::lost`] resolves.
     pub async fn delete_lock(&self, conversation_id: &str) -> Result<(), LockError> {
-        validate::conversation_id(conversation_id)?;
-        self.backend()
-            .delete(conversation_id)
-            .await
-            .map_err(|f| fail(conversation_id, f))?;
+        self.on(conversation_id, |b| b.delete(conversation_id))
+            .await?;
         Ok(())
     }
 
     /// Removes expired tickets, handing the lock on if the served one expired.
     pub async fn update_lock(&self, conversation_id: &str) -> Result<(), LockError> {
-        validate::conversation_id(conversation_id)?;
-        self.backend()
-            .update(conversation_id)
-            .await
-            .map_err(|f| fail(conversation_id, f))?;
+        self.on(conversation_id, |b| b.update(conversation_id))
+            .await?;
         Ok(())
     }
 
     /// True when the conversation's queue holds any live ticket (held or waiting).
     pub async fn is_someone_waiting(&self, conversation_id: &str) -> Result<bool, LockError> {
-        validate::conversation_id(conversation_id)?;
         let record = self
-            .backend()
-            .read(conversation_id, Some(0))
-            .await
-            .map_err(|f| fail(conversation_id, f))?;
+            .on(conversation_id, |b| b.read(conversation_id, Some(0)))
+            .await?;
         Ok(record.is_some_and(|r| r.live > 0))
     }
 
@@ -737,22 +725,16 @@ impl LockStore {
         number: u64,
         mode: ReleaseMode,
     ) -> Result<(), LockError> {
-        validate::conversation_id(cid)?;
         let ticket = TicketRef {
             number,
             epoch: None,
         };
-        self.backend()
-            .release(
-                cid,
-                Removal {
-                    ticket,
-                    mode,
-                    by: Remover::Admin,
-                },
-            )
-            .await
-            .map_err(|f| fail(cid, f))?;
+        let removal = Removal {
+            ticket,
+            mode,
+            by: Remover::Admin,
+        };
+        self.on(cid, |b| b.release(cid, removal)).await?;
         Ok(())
     }
 
@@ -760,9 +742,22 @@ impl LockStore {
     /// (`ticketlock inspect`): read-only, so it works on a replica, under
     /// the minimal ACL, and on a Redis that is out of memory.
     pub async fn inspect(&self, conversation_id: &str) -> Result<Inspection, LockError> {
+        self.on(conversation_id, |b| b.inspect(conversation_id, None))
+            .await
+    }
+
+    /// One backend call about one conversation: the id is checked first,
+    /// and a fault becomes that conversation's [`LockError`].
+    async fn on<'a, T, F>(
+        &'a self,
+        conversation_id: &'a str,
+        call: impl FnOnce(&'a AnyBackend) -> F,
+    ) -> Result<T, LockError>
+    where
+        F: Future<Output = crate::backend::Result<T>>,
+    {
         validate::conversation_id(conversation_id)?;
-        self.backend()
-            .inspect(conversation_id, None)
+        call(self.backend())
             .await
             .map_err(|f| fail(conversation_id, f))
     }

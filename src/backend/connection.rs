@@ -336,20 +336,12 @@ impl Conn {
     pub(crate) async fn unsubscribe(&self, channel: &str) -> RedisResult<()> {
         match self {
             Conn::Standard(c) => {
-                within(
-                    c.timeout,
-                    "UNSUBSCRIBE",
-                    c.inner.clone().unsubscribe(channel),
-                )
-                .await
+                let mut pubsub = c.inner.clone();
+                within(c.timeout, "UNSUBSCRIBE", pubsub.unsubscribe(channel)).await
             }
             Conn::Cluster(c) => {
-                within(
-                    c.timeout,
-                    "SUNSUBSCRIBE",
-                    c.inner.clone().sunsubscribe(channel),
-                )
-                .await
+                let mut pubsub = c.inner.clone();
+                within(c.timeout, "SUNSUBSCRIBE", pubsub.sunsubscribe(channel)).await
             }
             Conn::Sentinel(s) => s.unsubscribe(channel).await,
         }

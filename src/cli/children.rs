@@ -20,7 +20,7 @@ use super::handlers::{open_shared, open_store, run_handlers};
 use super::plan::Plan;
 use super::report::Samples;
 use super::state::Shared;
-use super::{print_out, CliError};
+use super::{print_json, print_out, CliError};
 
 /// How long a child may take to connect before the run is called off.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -269,8 +269,6 @@ pub(crate) async fn run_child(plan: &Plan, index: u32) -> Result<ExitCode, CliEr
         ProgressBar::hidden(),
     )
     .await;
-    let json = serde_json::to_string(&samples)
-        .map_err(|e| CliError::store(format!("cannot encode the samples: {e}")))?;
-    print_out(&format!("{json}\n"));
+    print_json(&samples, "samples")?;
     Ok(ExitCode::SUCCESS)
 }

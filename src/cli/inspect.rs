@@ -15,7 +15,7 @@ use ticketlock::{Inspection, LockError, LockStore};
 use ticketlock::__cli::shown;
 
 use super::connect::required_config;
-use super::{print_error, print_out, store_error, CliError, StoreArgs, EXIT_CODES};
+use super::{print_error, print_json, print_out, store_error, CliError, StoreArgs, EXIT_CODES};
 
 /// Arguments of `ticketlock inspect`.
 #[derive(Debug, clap::Args)]
@@ -118,9 +118,7 @@ pub(crate) async fn run(args: InspectArgs) -> Result<ExitCode, CliError> {
     tracing::debug!(key = %key, ?inspection, ?problems, "snapshot read");
     let report = Report::new(cid, url, key, inspection.as_ref(), problems);
     if args.json {
-        let line = serde_json::to_string(&report)
-            .map_err(|e| CliError::store(format!("cannot encode the report: {e}")))?;
-        print_out(&format!("{line}\n"));
+        print_json(&report, "report")?;
     } else {
         print_out(&report.table());
     }

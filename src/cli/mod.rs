@@ -214,6 +214,14 @@ pub(crate) fn print_error(message: &str) {
     let _ = writeln!(std::io::stderr().lock(), "ticketlock: {message}");
 }
 
+/// `value` as one JSON line on stdout (`what` names it in the error).
+pub(crate) fn print_json(value: &impl serde::Serialize, what: &str) -> Result<(), CliError> {
+    let line = serde_json::to_string(value)
+        .map_err(|e| CliError::store(format!("cannot encode the {what}: {e}")))?;
+    print_out(&format!("{line}\n"));
+    Ok(())
+}
+
 /// Writes `text` to stdout; a closed pipe is ignored.
 pub(crate) fn print_out(text: &str) {
     let mut out = std::io::stdout().lock();

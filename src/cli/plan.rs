@@ -20,24 +20,20 @@ pub(crate) struct SimulateArgs {
     /// Concurrent handler tasks per process. Each pulls the next message in
     /// arrival order, takes its ticket, handles it under the lock, releases,
     /// and pulls the next.
-    #[arg(short, long, value_name = "W", default_value_t = 8,
-          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    #[arg(short, long, value_name = "W", default_value_t = 8, value_parser = count(100_000))]
     workers: u32,
 
     /// Bot instances: 1 runs in this process; more start that many child
     /// processes of this program, each taking every P-th message (needs --redis).
-    #[arg(short, long, value_name = "P", default_value_t = 1,
-          value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[arg(short, long, value_name = "P", default_value_t = 1, value_parser = count(64))]
     processes: u32,
 
     /// Conversations whose messages arrive interleaved.
-    #[arg(short, long, value_name = "C", default_value_t = 4,
-          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    #[arg(short, long, value_name = "C", default_value_t = 4, value_parser = count(100_000))]
     conversations: u32,
 
     /// Messages per conversation.
-    #[arg(short, long, value_name = "M", default_value_t = 100,
-          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    #[arg(short, long, value_name = "M", default_value_t = 100, value_parser = count(1_000_000))]
     messages: u32,
 
     /// Milliseconds spent inside each critical section.
@@ -88,13 +84,22 @@ fn parse_lifetime(text: &str) -> Result<Duration, String> {
     Ok(lifetime)
 }
 
+/// A count from 1 to `max`.
+fn count(max: i64) -> clap::builder::RangedI64ValueParser<u32> {
+    clap::value_parser!(u32).range(1..=max)
+}
+
 /// The checked arguments of one run.
 #[derive(Debug, Clone)]
 pub(crate) struct Plan {
+    /// Handler tasks per process.
     pub(crate) workers: u32,
+    /// Bot instances; above 1, child processes of this program.
     pub(crate) processes: u32,
     pub(crate) conversations: u32,
+    /// Messages per conversation.
     pub(crate) messages: u32,
+    /// Time spent inside each critical section.
     pub(crate) hold: Duration,
     /// `--lifetime`; `None`: the store's default lifetime.
     pub(crate) lifetime: Option<Duration>,
@@ -102,9 +107,13 @@ pub(crate) struct Plan {
     pub(crate) redis_url: Option<String>,
     /// `--redis` parsed, `--key-prefix` included; `None` in memory.
     pub(crate) redis: Option<StoreConfig>,
+    /// Print the summary as one JSON line.
     pub(crate) json: bool,
+    /// `-v` given this many times.
     pub(crate) verbose: u8,
+    /// Handle messages without the lock (to see what the checks catch).
     pub(crate) no_lock: bool,
+    /// Names this run's conversations and probe keys.
     pub(crate) run_id: String,
 }
 

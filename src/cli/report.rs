@@ -84,6 +84,7 @@ pub(crate) fn order_check(grants: &[u64]) -> (u64, u64) {
 /// p50 / p99 / max of a set of samples, in milliseconds.
 #[derive(Debug, Serialize)]
 pub(crate) struct Latency {
+    /// How many were measured; the figures are `None` without any.
     pub(crate) samples: usize,
     pub(crate) p50: Option<f64>,
     pub(crate) p99: Option<f64>,
@@ -130,32 +131,50 @@ fn ms(ns: u64) -> f64 {
 pub(crate) struct Setup {
     /// Names this run's conversations (`sim-<run id>-<n>`) and probe keys (`sim:<run id>:...`).
     pub(crate) run_id: String,
+    /// `redis` or `memory`.
     pub(crate) backend: &'static str,
     /// The Redis URL, password redacted; `None` in memory.
     pub(crate) redis: Option<String>,
+    /// `--key-prefix`, if given.
     pub(crate) key_prefix: Option<String>,
+    /// Bot instances (`--processes`), each a process of its own above 1.
     pub(crate) processes: u32,
+    /// Handler tasks per process (`--workers`).
     pub(crate) workers: u32,
     pub(crate) conversations: u32,
     pub(crate) messages_per_conversation: u32,
+    /// Time spent inside each critical section (`--hold`).
     pub(crate) hold_ms: u64,
+    /// The lease each lock was taken with.
     pub(crate) lifetime_s: f64,
 }
 
 /// Everything `simulate` reports (`--json` prints exactly this).
 #[derive(Debug, Serialize)]
 pub(crate) struct Summary {
+    /// Every message handled once, in order, alone, and without an error.
     pub(crate) ok: bool,
+    /// Messages sent: conversations times messages per conversation.
     pub(crate) messages: u64,
+    /// Critical sections completed.
     pub(crate) handled: u64,
+    /// Grants that did not follow the previous ticket of their conversation.
     pub(crate) order_violations: u64,
+    /// Critical sections that found another one of the same conversation running.
     pub(crate) overlaps: u64,
+    /// Increments of a conversation's counter that another handler overwrote.
     pub(crate) lost_updates: u64,
+    /// Lock errors (and failures of the probes themselves).
     pub(crate) errors: u64,
+    /// The first error's message.
     pub(crate) first_error: Option<String>,
+    /// Wall time of the run.
     pub(crate) elapsed_s: f64,
+    /// Messages handled per second of wall time.
     pub(crate) throughput_per_s: f64,
+    /// From calling `lock_with` to holding the lock.
     pub(crate) wait_ms: Latency,
+    /// From the previous holder starting to release to the next one holding.
     pub(crate) handoff_ms: Latency,
     /// Times a conversation's queue started afresh (ticket numbering back at 0).
     pub(crate) epochs: u64,

@@ -17,7 +17,7 @@ use super::handlers::{open_shared, open_store, run_handlers};
 use super::plan::{Plan, SimulateArgs};
 use super::report::{Samples, Summary};
 use super::state::Shared;
-use super::{print_error, print_out, CliError};
+use super::{print_error, print_json, print_out, CliError};
 
 /// How long removing the keys of an abandoned run may take (they expire
 /// by themselves anyway).
@@ -80,9 +80,7 @@ pub(crate) async fn run(args: SimulateArgs, verbose: u8) -> Result<ExitCode, Cli
     );
 
     if plan.json {
-        let line = serde_json::to_string(&summary)
-            .map_err(|e| CliError::store(format!("cannot encode the summary: {e}")))?;
-        print_out(&format!("{line}\n"));
+        print_json(&summary, "summary")?;
     } else {
         print_out(&summary.table());
     }

@@ -79,14 +79,19 @@ pub(crate) struct TlsFiles {
 /// (No `Debug`: it holds passwords.)
 #[derive(Clone)]
 pub(crate) struct Deployment {
+    /// Which nodes to reach, and how they relate.
     pub(crate) topology: Topology,
     /// The data nodes' login and TLS.
     pub(crate) data: Access,
+    /// The database number: always 0 on a cluster.
     pub(crate) db: i64,
+    /// Where the TLS certificates come from, if not from the system.
     pub(crate) tls_files: TlsFiles,
     /// `lock:` or `<prefix>:lock:`.
     pub(crate) key_prefix: String,
+    /// How long one command may take before it counts as failed.
     pub(crate) socket_timeout: Duration,
+    /// FCALL, EVALSHA, or whichever the server takes.
     pub(crate) script_mode: ScriptMode,
 }
 
@@ -326,6 +331,16 @@ mod tests {
         }
     }
 
+    /// The Sentinel service and the sentinels' login and TLS.
+    fn sentinel(d: &Deployment) -> (&str, &Access) {
+        match &d.topology {
+            Topology::Sentinel {
+                service, access, ..
+            } => (service, access),
+            _ => panic!("not a sentinel deployment"),
+        }
+    }
+
     #[test]
     fn configs_follow_rasa_defaults() {
         let d = resolved(&StoreConfig::redis("10.1.2.3"));
@@ -417,12 +432,7 @@ mod tests {
         let d = resolved(&url("redis+sentinel://:s3cret@s1:26380,s2/mymaster/3"));
         assert_eq!(nodes(&d), ["s1:26380", "s2:26379"]);
         assert_eq!(d.db, 3);
-        let Topology::Sentinel {
-            service, access, ..
-        } = &d.topology
-        else {
-            panic!("not a sentinel deployment")
-        };
+        let (service, access) = sentinel(&d);
         assert_eq!(service, "mymaster");
         assert!(access == &Access::default());
         assert!(resolved(&url("rediss+sentinel://s1/mymaster"))
@@ -440,12 +450,7 @@ mod tests {
         c.sentinel_use_ssl = true;
         let d = resolved(&c);
         assert!(d.data.tls.is_none() && d.uses_tls());
-        let Topology::Sentinel {
-            service, access, ..
-        } = &d.topology
-        else {
-            panic!("not a sentinel deployment")
-        };
+        let (service, access) = sentinel(&d);
         assert_eq!(service, "svc");
         assert_eq!(access.password.as_deref(), Some("pw"));
         assert!(access.tls.is_some());
@@ -488,26 +493,39 @@ mod tests {
                 Ok(()) => panic!("{bad}: accepted"),
             }
         }
-        let mut c = StoreConfig::redis("h");
-        c.deployment_mode = DeploymentMode::Cluster;
-        c.db = Some(1);
-        assert_eq!(refused(&c), "db");
-        let mut c = StoreConfig::redis("h");
-        c.db = Some(-1);
-        assert_eq!(refused(&c), "db");
-        let mut c = StoreConfig::redis("h");
-        c.endpoints = vec!["a:1".into()];
-        assert_eq!(refused(&c), "endpoints");
-        let mut c = StoreConfig::redis("redis+cluster://a:1");
-        c.deployment_mode = DeploymentMode::Sentinel;
-        assert_eq!(refused(&c), "deployment mode");
-        let mut c = StoreConfig::redis("redis+cluster://a:1");
-        c.endpoints = vec!["b:2".into()];
-        assert_eq!(refused(&c), "endpoints");
-        let mut c = StoreConfig::redis("h");
-        c.deployment_mode = DeploymentMode::Cluster;
-        c.endpoints = vec!["a b".into()];
-        assert_eq!(refused(&c), "endpoints");
+        // (host, change, the setting refused)
+        type Change = fn(&mut StoreConfig);
+        let changes: [(&str, Change, &str); 6] = [
+            (
+                "h",
+                |c| (c.deployment_mode, c.db) = (DeploymentMode::Cluster, Some(1)),
+                "db",
+            ),
+            ("h", |c| c.db = Some(-1), "db"),
+            ("h", |c| c.endpoints = vec!["a:1".into()], "endpoints"),
+            (
+                "redis+cluster://a:1",
+                |c| c.deployment_mode = DeploymentMode::Sentinel,
+                "deployment mode",
+            ),
+            (
+                "redis+cluster://a:1",
+                |c| c.endpoints = vec!["b:2".into()],
+                "endpoints",
+            ),
+            (
+                "h",
+                |c| {
+                    (c.deployment_mode, c.endpoints) = (DeploymentMode::Cluster, vec!["a b".into()])
+                },
+                "endpoints",
+            ),
+        ];
+        for (host, change, setting) in changes {
+            let mut c = StoreConfig::redis(host);
+            change(&mut c);
+            assert_eq!(refused(&c), setting, "{host}");
+        }
         assert_eq!(refused(&StoreConfig::default()), "type");
     }
 
