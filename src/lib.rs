@@ -152,7 +152,7 @@ pub mod __cli {
 #[doc(hidden)]
 pub mod __testing {
     pub use crate::backend::faulty::{Injected, Op};
-    pub use crate::testing::{manual_clock_stores, ManualClock};
+    pub use crate::testing::{manual_clock_stores, ManualClock, Wakeups};
 
     /// Checks a URL the way `LockStore::from_url` does, without connecting.
     pub fn check_url(url: &str) -> Result<(), crate::LockError> {

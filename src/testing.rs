@@ -9,8 +9,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::backend::connect;
 use crate::backend::connection::Connector;
 use crate::backend::memory::MemoryBackend;
-use crate::backend::{AnyBackend, Fault};
+use tokio::sync::broadcast;
+
+use crate::backend::{AnyBackend, Backend, Fault, Subscription};
 use crate::config::{self, ScriptMode, StoreConfig};
+use crate::notify::{Notice, Removed};
 use crate::options::DEFAULT_LIFETIME;
 use crate::{LockError, LockStore};
 
@@ -93,4 +96,56 @@ pub async fn manual_clock_stores(
         (memory_store, ManualClock(Moves::Memory(memory))),
         (redis_store, clock),
     ))
+}
+
+/// The wake-ups a store sends about one conversation, kept as they arrive,
+/// so a test can compare what the two backends announce.
+#[derive(Debug)]
+pub struct Wakeups {
+    subscription: Subscription,
+}
+
+impl Wakeups {
+    /// Starts listening on `store`'s wake-ups for `conversation_id`.
+    pub async fn listen(store: &LockStore, conversation_id: &str) -> Result<Wakeups, LockError> {
+        let subscription = store
+            .backend()
+            .subscribe(conversation_id)
+            .await
+            .map_err(|f| crate::store::fail(conversation_id, f))?;
+        Ok(Wakeups { subscription })
+    }
+
+    /// The wake-ups received since the last call, oldest first, each as
+    /// "serving <n> removed <n|several> left <ms>" (`-` for none). Epochs and
+    /// fencing tokens are left out: they are clock readings, and the two
+    /// stores' clocks start at different instants.
+    pub fn take(&mut self) -> Vec<String> {
+        let mut seen = Vec::new();
+        loop {
+            match self.subscription.notices.try_recv() {
+                Ok(Notice::Changed {
+                    serving,
+                    removed,
+                    serving_left,
+                    ..
+                }) => {
+                    let or_dash = |n: Option<u128>| n.map_or("-".to_owned(), |n| n.to_string());
+                    let removed = match removed {
+                        Removed::None => "-".to_owned(),
+                        Removed::Ticket(n) => n.to_string(),
+                        Removed::Several => "several".to_owned(),
+                    };
+                    seen.push(format!(
+                        "serving {} removed {removed} left {}",
+                        or_dash(serving.map(u128::from)),
+                        or_dash(serving_left.map(|d| d.as_millis())),
+                    ));
+                }
+                Ok(Notice::Recheck) => seen.push("recheck".to_owned()),
+                Err(broadcast::error::TryRecvError::Lagged(n)) => seen.push(format!("lagged {n}")),
+                Err(_) => return seen,
+            }
+        }
+    }
 }

@@ -292,6 +292,7 @@ conformance!(
     a_cancelled_waiter_gives_its_ticket_back,
     a_timeout_gives_the_ticket_back,
     release_hands_over_without_waiting_for_a_poll,
+    auto_renew_keeps_a_lock_handed_over_by_a_wake_up,
     a_dropped_guard_releases_in_the_background,
     critical_sections_never_overlap,
     with_lock_releases_even_when_the_work_fails,
@@ -811,6 +812,36 @@ async fn a_timeout_gives_the_ticket_back(f: Fixture) {
     f.assert_gone("to").await;
 }
 
+/// A lock taken on a hand-over's wake-up (its grant picked up in the
+/// background, not by a poll) is renewed like any other.
+async fn auto_renew_keeps_a_lock_handed_over_by_a_wake_up(f: Fixture) {
+    let s = &f.store;
+    let holder = s.lock_with("rw", opts(LONG)).await.unwrap();
+    let renewing = LockOptions::default()
+        .with_lifetime(Duration::from_millis(600))
+        .with_wait_time(LONG)
+        .with_auto_renew(true);
+    let s2 = s.clone();
+    let waiter = tokio::spawn(async move { s2.lock_with("rw", renewing).await });
+    queued(s, "rw", 2).await;
+    // Soon after the waiter's first check-in, so that the wake-up alone
+    // serves it (a grant that close to the check-in needs no poll).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    holder.release().await.unwrap();
+    let g = tokio::time::timeout(PROMPT, waiter)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    assert!(
+        g.is_held().await.unwrap(),
+        "auto-renew let a 600 ms lease lapse after a hand-over"
+    );
+    g.release().await.unwrap();
+    f.assert_gone("rw").await;
+}
+
 async fn release_hands_over_without_waiting_for_a_poll(f: Fixture) {
     let s = &f.store;
     let holder = s.lock_with("ho", opts(LONG)).await.unwrap();
@@ -1093,11 +1124,18 @@ async fn a_snapshot_saved_back_unchanged_changes_nothing(f: Fixture) {
     f.assert_gone("sb").await;
 }
 
-/// `finish_serving`, `delete_lock` or a `save_lock` without the held ticket:
-/// the store says so at once, and `lost()` listens.
+/// `finish_serving`, `cleanup` (of the only ticket: the fast path that
+/// deletes the record), `delete_lock` or a `save_lock` without the held
+/// ticket: the store says so at once, and `lost()` listens.
 async fn lost_fires_when_someone_removes_the_holders_ticket(f: Fixture) {
     let s = &f.store;
-    for how in ["finish", "finish with a waiter", "delete", "save"] {
+    for how in [
+        "finish",
+        "finish with a waiter",
+        "cleanup",
+        "delete",
+        "save",
+    ] {
         let cid = format!("lr-{}", how.len());
         let holder = s.lock_with(&cid, opts(LONG)).await.unwrap();
         let waiter = if how == "finish with a waiter" {
@@ -1120,6 +1158,7 @@ async fn lost_fires_when_someone_removes_the_holders_ticket(f: Fixture) {
                 match how {
                     "delete" => s.delete_lock(&cid).await.unwrap(),
                     "save" => s.save_lock(&TicketLock::new(cid.as_str())).await.unwrap(),
+                    "cleanup" => s.cleanup(&cid, holder.ticket()).await.unwrap(),
                     _ => s.finish_serving(&cid, holder.ticket()).await.unwrap(),
                 }
                 futures_pending().await

@@ -9,7 +9,7 @@ mod support;
 use std::time::Duration;
 
 use proptest::prelude::*;
-use ticketlock::__testing::{manual_clock_stores, ManualClock};
+use ticketlock::__testing::{manual_clock_stores, ManualClock, Wakeups};
 use ticketlock::{LockError, LockOptions, LockStore, Ticket, TicketLock};
 
 /// A saved ticket: number, remaining ms, and for a renewing ticket its lease
@@ -259,6 +259,14 @@ proptest! {
         let outcome: Result<(), String> = rt.block_on(async move {
             let prefix = support::unique_prefix("diff");
             let ((memory, memory_clock), (redis, redis_clock)) = manual_clock_stores(&url, &prefix).await.unwrap();
+            let mut heard = Vec::new();
+            for store in [&memory, &redis] {
+                let mut side = Vec::new();
+                for id in IDS {
+                    side.push(Wakeups::listen(store, id).await.unwrap());
+                }
+                heard.push(side);
+            }
             let mut sides = [
                 Side { store: memory, clock: memory_clock, guards: vec![None, None], fences: [Vec::new(), Vec::new()] },
                 Side { store: redis, clock: redis_clock, guards: vec![None, None], fences: [Vec::new(), Vec::new()] },
@@ -274,6 +282,17 @@ proptest! {
                 let b = sides[1].apply(step).await;
                 if a != b {
                     return Err(format!("step {i} {step:?}: memory {a:?}, redis {b:?}"));
+                }
+            }
+            // Both announced the same wake-ups, in the same order: a waiter
+            // reacts to each, so the twin must send what the scripts PUBLISH.
+            // (Redis pushes them; give them a moment to arrive.)
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            for (i, id) in IDS.iter().enumerate() {
+                let memory_heard = heard[0][i].take();
+                let redis_heard = heard[1][i].take();
+                if memory_heard != redis_heard {
+                    return Err(format!("wake-ups for {id}: memory {memory_heard:?}, redis {redis_heard:?}"));
                 }
             }
             // Each conversation's fencing tokens grew on both sides.
