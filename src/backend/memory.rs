@@ -227,7 +227,9 @@ impl Conversation {
             serving: serving.map(|(h, _)| h),
             fence: serving.map(|_| self.fence),
             removed,
-            serving_left: serving.map(|(_, at)| at - now),
+            // As the scripts' `at - now` reads when negative (a saved head
+            // whose lease from an earlier grant already ran out): unknown.
+            serving_left: serving.and_then(|(_, at)| at.checked_duration_since(now)),
         }
     }
 }
