@@ -538,11 +538,7 @@ async fn a_live_waiter_outlasts_its_lifetime(f: Fixture) {
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert!(!waiter.is_finished());
     holder.release().await.unwrap();
-    let g = tokio::time::timeout(PROMPT, waiter)
-        .await
-        .expect("served")
-        .unwrap()
-        .unwrap();
+    let g = served(waiter, "served").await;
     assert_eq!(g.ticket(), 1);
     // The lease counts from the grant: 200 ms.
     assert!(g.is_held().await.unwrap());
@@ -587,11 +583,7 @@ async fn a_dead_waiter_stops_blocking_within_the_dead_waiter_timeout(f: Fixture)
     tokio::time::sleep(Duration::from_millis(50)).await;
     let released = Instant::now();
     holder.release().await.unwrap();
-    let g = tokio::time::timeout(PROMPT, next)
-        .await
-        .expect("the dead waiter blocked the queue")
-        .unwrap()
-        .unwrap();
+    let g = served(next, "the dead waiter blocked the queue").await;
     let waited = released.elapsed();
     assert_eq!(g.ticket(), 2);
     assert!(
@@ -666,11 +658,7 @@ async fn only_the_holder_extends_and_auto_renew_keeps_the_lease(f: Fixture) {
         .await
         .is_err());
     g.release().await.unwrap();
-    let g2 = tokio::time::timeout(PROMPT, waiter)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let g2 = served(waiter, "not served in time").await;
 
     // Without renewal the lease lapses and lost() says so.
     drop(g2);
@@ -828,11 +816,7 @@ async fn auto_renew_keeps_a_lock_handed_over_by_a_wake_up(f: Fixture) {
     // serves it (a grant that close to the check-in needs no poll).
     tokio::time::sleep(Duration::from_millis(100)).await;
     holder.release().await.unwrap();
-    let g = tokio::time::timeout(PROMPT, waiter)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let g = served(waiter, "not served in time").await;
     tokio::time::sleep(Duration::from_millis(1800)).await;
     assert!(
         g.is_held().await.unwrap(),
@@ -877,11 +861,7 @@ async fn a_dropped_guard_releases_in_the_background(f: Fixture) {
     });
     tokio::time::sleep(Duration::from_millis(50)).await;
     drop(holder);
-    tokio::time::timeout(PROMPT, waiter)
-        .await
-        .expect("drop did not release")
-        .unwrap()
-        .unwrap();
+    served(waiter, "drop did not release").await;
     f.assert_gone("dg").await;
 }
 
@@ -1113,11 +1093,7 @@ async fn a_snapshot_saved_back_unchanged_changes_nothing(f: Fixture) {
         tokio::time::timeout(Duration::from_millis(300), s.lock_with("sb", opts(LONG))).await;
     assert!(third.is_err(), "a third party got in beside the holder");
     holder.release().await.unwrap();
-    let next = tokio::time::timeout(PROMPT, waiter)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let next = served(waiter, "not served in time").await;
     assert_eq!(next.ticket(), 1);
     next.release().await.unwrap();
     s.cleanup("sb", fixed).await.unwrap();
@@ -1179,16 +1155,22 @@ async fn lost_fires_when_someone_removes_the_holders_ticket(f: Fixture) {
             "{how}"
         );
         if let Some(w) = waiter {
-            let next = tokio::time::timeout(PROMPT, w)
-                .await
-                .unwrap()
-                .unwrap()
-                .unwrap();
+            let next = served(w, "not served in time").await;
             next.release().await.unwrap();
         }
         s.delete_lock(&cid).await.unwrap();
         f.assert_gone(&cid).await;
     }
+}
+
+/// A spawned task's lock result, awaited for at most [`PROMPT`]; `late`
+/// says what it means when it takes longer.
+async fn served<T>(task: tokio::task::JoinHandle<Result<T, LockError>>, late: &str) -> T {
+    tokio::time::timeout(PROMPT, task)
+        .await
+        .unwrap_or_else(|_| panic!("{late}"))
+        .unwrap()
+        .unwrap()
 }
 
 async fn futures_pending() {
@@ -1359,11 +1341,7 @@ async fn a_cancelled_release_still_releases(f: Fixture) {
     tokio::time::sleep(Duration::from_millis(50)).await;
     let started = Instant::now();
     holder.release().await.unwrap();
-    let g = tokio::time::timeout(PROMPT, behind)
-        .await
-        .expect("held up by a dropped give-back")
-        .unwrap()
-        .unwrap();
+    let g = served(behind, "held up by a dropped give-back").await;
     assert!(
         started.elapsed() < Duration::from_millis(500),
         "{:?}",
@@ -1393,11 +1371,7 @@ async fn a_retryable_release_failure_is_retried_in_the_background(f: Fixture) {
     let started = Instant::now();
     let err = holder.release().await.unwrap_err();
     assert!(err.is_retryable(), "{err}");
-    let g = tokio::time::timeout(PROMPT, next)
-        .await
-        .expect("the release was never retried")
-        .unwrap()
-        .unwrap();
+    let g = served(next, "the release was never retried").await;
     assert!(
         started.elapsed() < Duration::from_millis(1000),
         "{:?}",
@@ -1441,11 +1415,7 @@ async fn a_failed_pick_up_is_retried_and_the_lease_kept(f: Fixture) {
     let checked_in = polls.load(Ordering::SeqCst);
     armed.store(true, Ordering::SeqCst);
     holder.release().await.unwrap();
-    let g = tokio::time::timeout(PROMPT, waiter)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let g = served(waiter, "not served in time").await;
     // Past the grant's waiting expiry: held only if the pick-up happened.
     tokio::time::sleep(dead_waiter * 2).await;
     let third =
