@@ -24,8 +24,8 @@
 # Prints one table (also target/mutants.md): mutant, caught / survived /
 # equivalent (a mutant that cannot change behaviour, with the reason), and by
 # which test. Exits 1 if a mutant marked "must" survived, 2 if the clean tree
-# is not green or a mutant no longer applies. Needs what scripts/test.sh
-# installs (redis-server, valkey for nothing here, python3) and
+# is not green, a mutant no longer applies or the Rust round did not run.
+# Needs what scripts/test.sh installs (redis-server, python3) and
 # cargo-nextest (installed if missing).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

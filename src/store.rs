@@ -748,7 +748,7 @@ impl LockStore {
 
     /// One backend call about one conversation: the id is checked first,
     /// and a fault becomes that conversation's [`LockError`].
-    async fn on<'a, T, F>(
+    pub(crate) async fn on<'a, T, F>(
         &'a self,
         conversation_id: &'a str,
         call: impl FnOnce(&'a AnyBackend) -> F,

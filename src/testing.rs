@@ -6,11 +6,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tokio::sync::broadcast;
+
 use crate::backend::connect;
 use crate::backend::connection::Connector;
 use crate::backend::memory::MemoryBackend;
-use tokio::sync::broadcast;
-
 use crate::backend::{AnyBackend, Backend, Fault, Subscription};
 use crate::config::{self, ScriptMode, StoreConfig};
 use crate::notify::{Notice, Removed};
@@ -109,10 +109,8 @@ impl Wakeups {
     /// Starts listening on `store`'s wake-ups for `conversation_id`.
     pub async fn listen(store: &LockStore, conversation_id: &str) -> Result<Wakeups, LockError> {
         let subscription = store
-            .backend()
-            .subscribe(conversation_id)
-            .await
-            .map_err(|f| crate::store::fail(conversation_id, f))?;
+            .on(conversation_id, |b| b.subscribe(conversation_id))
+            .await?;
         Ok(Wakeups { subscription })
     }
 
@@ -130,7 +128,6 @@ impl Wakeups {
                     serving_left,
                     ..
                 }) => {
-                    let or_dash = |n: Option<u128>| n.map_or("-".to_owned(), |n| n.to_string());
                     let removed = match removed {
                         Removed::None => "-".to_owned(),
                         Removed::Ticket(n) => n.to_string(),
@@ -138,7 +135,7 @@ impl Wakeups {
                     };
                     seen.push(format!(
                         "serving {} removed {removed} left {}",
-                        or_dash(serving.map(u128::from)),
+                        or_dash(serving),
                         or_dash(serving_left.map(|d| d.as_millis())),
                     ));
                 }
@@ -148,4 +145,8 @@ impl Wakeups {
             }
         }
     }
+}
+
+fn or_dash(value: Option<impl std::fmt::Display>) -> String {
+    value.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }

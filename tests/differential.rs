@@ -286,11 +286,18 @@ proptest! {
             }
             // Both announced the same wake-ups, in the same order: a waiter
             // reacts to each, so the twin must send what the scripts PUBLISH.
-            // (Redis pushes them; give them a moment to arrive.)
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // The twin's are all there; Redis pushes its own, so wait for as
+            // many (up to 2 s, for a loaded machine), then 50 ms for extras.
             for (i, id) in IDS.iter().enumerate() {
                 let memory_heard = heard[0][i].take();
-                let redis_heard = heard[1][i].take();
+                let mut redis_heard = heard[1][i].take();
+                let deadline = std::time::Instant::now() + Duration::from_secs(2);
+                while redis_heard.len() < memory_heard.len() && std::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    redis_heard.extend(heard[1][i].take());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                redis_heard.extend(heard[1][i].take());
                 if memory_heard != redis_heard {
                     return Err(format!("wake-ups for {id}: memory {memory_heard:?}, redis {redis_heard:?}"));
                 }
