@@ -102,7 +102,8 @@ end
 
 local function clock()
   local t = redis.call('TIME')
-  local s, us = tonumber(t[1]), tonumber(t[2])
+  -- Digits only, so arithmetic converts them (tonumber would parse twice).
+  local s, us = t[1] + 0, t[2] + 0
   return s * 1000 + math.floor(us / 1000), s * 1000000 + us
 end
 
@@ -133,28 +134,38 @@ end
 -- does a hash that is not a v2 record or holds a non-number where a number
 -- belongs. m.exists is false when there is no record (no key, or a key made
 -- only by cancel.lua).
+local NUMBERS = { 'n', 'e', 'h', 's', 'f', 'g' }
+
 local function load(key, extra)
-  local v = redis.call('HMGET', key, 'next', 'n', 'e', 'h', 's', 'f', 'g', 'x', unpack(extra or {}))
+  local v
+  if extra then
+    v = redis.call('HMGET', key, 'next', 'n', 'e', 'h', 's', 'f', 'g', 'x', unpack(extra))
+  else
+    v = redis.call('HMGET', key, 'next', 'n', 'e', 'h', 's', 'f', 'g', 'x')
+  end
   if v[1] and v[1] ~= 'v2' then
     refuse(key, 'holds data of another ticketlock version or another program (field next = ' .. tostring(v[1]) .. '); stop the clients that wrote it, or delete the key')
   end
-  local m = { key = key, present = v[1] ~= false, x = v[8] or nil, extra = {} }
-  local names = { 'n', 'e', 'h', 's', 'f', 'g' }
-  for i, name in ipairs(names) do
+  -- Every field named up front, nil or not: the table is sized once.
+  local m = { key = key, present = v[1] ~= false, x = v[8] or nil, extra = {},
+              n = nil, e = nil, h = nil, s = nil, f = nil, g = nil, exists = nil }
+  for i = 1, 6 do
     local raw = v[i + 1]
     if raw then
       local number = tonumber(raw)
       if not number or number ~= math.floor(number) then
-        refuse(key, 'field ' .. name .. ' holds ' .. tostring(raw) .. ', not an integer')
+        refuse(key, 'field ' .. NUMBERS[i] .. ' holds ' .. tostring(raw) .. ', not an integer')
       end
-      m[name] = number
+      m[NUMBERS[i]] = number
     end
   end
   m.exists = m.e ~= nil
   if m.exists and not (m.n and m.h and m.s and m.f and m.g) then
     refuse(key, 'is a record without its fields n, h, s, f and g')
   end
-  for i = 1, #(extra or {}) do m.extra[i] = v[8 + i] end
+  if extra then
+    for i = 1, #extra do m.extra[i] = v[8 + i] end
+  end
   return m
 end
 
@@ -175,7 +186,9 @@ local function parse(m, number, value)
   if not at then
     refuse(m.key, 'holds ticket ' .. int(number) .. ' as ' .. tostring(value) .. ', not "<expiry> <lease> <liveness>[ <request>]"')
   end
-  local t = { number = number, stored = tonumber(at), lease = tonumber(lease), liveness = tonumber(liveness), request = request }
+  -- The pattern matched digits only: `+ 0` converts them (tonumber would
+  -- parse twice). `at` is named so the table is sized once.
+  local t = { number = number, stored = at + 0, lease = lease + 0, liveness = liveness + 0, request = request, at = nil }
   return effective(m, t)
 end
 
@@ -209,8 +222,10 @@ local function writes()
 end
 
 local function set(w, field, value)
-  w.set[#w.set + 1] = field
-  w.set[#w.set + 1] = value
+  -- As a string: Redis formats a number argument as a double, at a higher cost.
+  if type(value) == 'number' then value = int(value) end
+  local n = #w.set
+  w.set[n + 1], w.set[n + 2] = field, value
 end
 
 local function commit(key, w)
@@ -228,9 +243,9 @@ end
 -- (GT would treat it as infinite), so it gets one outright.
 local function expire_at(key, at, made)
   if made then
-    redis.call('PEXPIREAT', key, at + MARGIN_MS)
+    redis.call('PEXPIREAT', key, int(at + MARGIN_MS))
   else
-    redis.call('PEXPIREAT', key, at + MARGIN_MS, 'GT')
+    redis.call('PEXPIREAT', key, int(at + MARGIN_MS), 'GT')
   end
 end
 

@@ -24,7 +24,7 @@
 --
 -- Keeps: the new ticket is served only if no live ticket is ahead of it;
 -- numbers never repeat within an epoch and never pass MAX_TICKET. An empty
--- conversation costs four commands: HMGET, TIME, HSET, PEXPIREAT.
+-- conversation (no key) costs four commands: TIME, HMGET, HSET, PEXPIREAT.
 
 local key = KEYS[1]
 local lifetime = integer_arg(ARGV[1], 'lifetime_ms', 1, MAX_LIFETIME_MS)
@@ -32,8 +32,26 @@ local liveness = 0
 if ARGV[2] and ARGV[2] ~= '' then liveness = integer_arg(ARGV[2], 'liveness_ms', 1, MAX_LIFETIME_MS) end
 local request = request_arg(ARGV[3])
 local now, now_us = clock()
-local m = load(key)
 
+-- Served at once, the caller picks its own grant up: the lease runs from now.
+local held = { at = now + lifetime, lease = 0, liveness = 0, request = request }
+if liveness > 0 then held.lease, held.liveness = lifetime, liveness end
+
+-- A new record holding only the caller's ticket, served; `made` when the
+-- key did not exist.
+local function create(fence, made)
+  -- Strings, not numbers: Redis would format each number as a double.
+  redis.call('HSET', key, 'next', 'v2', 'n', '1', 'e', int(now_us), 'h', '0', 's', '0', 'f', int(fence), 'g', '0', 't0', format(held))
+  expire_at(key, held.at, made)
+  return { 0, now_us, 0, lifetime, fence }
+end
+
+-- No ticketlock data at all (the common case): nothing more to read. The
+-- marker alone is asked for (HMGET, which the documented ACL allows; a key
+-- of another type fails here with WRONGTYPE).
+if not redis.call('HMGET', key, 'next')[1] then return create(now_us, true) end
+
+local m = load(key)
 if request ~= '' and m.x then
   local x, found = forget_request(m.x, request, now)
   if found then
@@ -41,17 +59,8 @@ if request ~= '' and m.x then
     return { -1, -1, -1, -1, -1 }
   end
 end
-
--- Served at once, the caller picks its own grant up: the lease runs from now.
-local held = { at = now + lifetime, lease = 0, liveness = 0, request = request }
-if liveness > 0 then held.lease, held.liveness = lifetime, liveness end
-
-if not m.exists then
-  local fence = next_fence(m.f, now_us)
-  redis.call('HSET', key, 'next', 'v2', 'n', 1, 'e', now_us, 'h', 0, 's', 0, 'f', fence, 'g', 0, 't0', format(held))
-  expire_at(key, held.at, not m.present)
-  return { 0, now_us, 0, lifetime, fence }
-end
+-- Only requests cancelled elsewhere are kept here.
+if not m.exists then return create(next_fence(m.f, now_us), false) end
 
 local number = m.n
 if number > MAX_TICKET then

@@ -20,7 +20,7 @@
 --
 -- Keeps: the ticket is removed and the next head found before anything is
 -- published, so a wake-up never names a stale head. Releasing the only
--- ticket costs three commands: HMGET, TIME, DEL.
+-- ticket costs three commands: TIME, HMGET, DEL.
 
 local key = KEYS[1]
 local number = integer_arg(ARGV[1], 'ticket', 0, MAX_TICKET)

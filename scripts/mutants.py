@@ -82,7 +82,7 @@ LUA = [
            "  m.g = 0\n  set(w, 'g', 0)\n  if ticket.lease > 0 then", "  if ticket.lease > 0 then"),
     # common.lua: key lifetimes
     Mutant("expire_at may shorten the key's life", L + "common.lua",
-           "redis.call('PEXPIREAT', key, at + MARGIN_MS, 'GT')", "redis.call('PEXPIREAT', key, at + MARGIN_MS)"),
+           "redis.call('PEXPIREAT', key, int(at + MARGIN_MS), 'GT')", "redis.call('PEXPIREAT', key, int(at + MARGIN_MS))"),
     Mutant("MARGIN_MS 1000 -> 0", L + "common.lua",
            "local MARGIN_MS = 1000", "local MARGIN_MS = 0"),
     Mutant("forget_request keeps expired cancellations", L + "common.lua",
@@ -103,6 +103,8 @@ LUA = [
     Mutant("leave: cleanup keeps an emptied record", L + "common.lua",
            "if head == -1 and mode == 'cleanup' then", "if false then"),
     # issue.lua
+    Mutant("issue: the empty-conversation fast path runs whatever the key holds", L + "issue.lua",
+           "if not redis.call('HMGET', key, 'next')[1] then", "if true then"),
     Mutant("issue ignores a cancel that came first", L + "issue.lua",
            "  if found then\n    if x == ''", "  if false then\n    if x == ''"),
     Mutant("issue: a number at the 2^53 bound is refused", L + "issue.lua",
