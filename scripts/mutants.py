@@ -48,7 +48,7 @@ LUA = [
     Mutant("load accepts a record of another version", L + "common.lua",
            "if v[1] and v[1] ~= 'v2' then", "if false then"),
     Mutant("load accepts a field that is not an integer", L + "common.lua",
-           "if not number or number ~= math.floor(number) then", "if false then"),
+           "if not number or number % 1 ~= 0 then", "if false then"),
     Mutant("load accepts a record without its fields", L + "common.lua",
            "if m.exists and not (m.n and m.h and m.s and m.f and m.g) then", "if false then"),
     Mutant("parse accepts a ticket that does not parse", L + "common.lua",

@@ -258,32 +258,38 @@ fn a_poll_picks_the_grant_up() {
     assert_eq!(inspected[6], -1, "picked up by the poll: {inspected:?}");
 }
 
-/// A record whose counter is not an integer is refused by every script that
-/// reads it, and left as it was.
+/// A record whose counter is not an integer (a fraction, text, an infinity)
+/// is refused by every script that reads it, and left as it was.
 #[test]
-fn a_record_with_a_fractional_counter_is_refused() {
+fn a_record_with_a_counter_that_is_not_an_integer_is_refused() {
     let mut s = Server::start();
-    assert_eq!(issue(&mut s, "c10", "a")[0], 0);
-    let _: () = redis::cmd("HSET")
-        .arg(key("c10"))
-        .arg("n")
-        .arg("1.5")
-        .query(&mut s.conn)
-        .unwrap();
-    let refused: redis::RedisResult<redis::Value> = redis::cmd("FCALL")
-        .arg(format!("{LIBRARY_NAME}_issue"))
-        .arg(1)
-        .arg(key("c10"))
-        .arg(&["60000", "5000", "b"])
-        .query(&mut s.conn);
-    let error = refused.expect_err("a counter of 1.5 was accepted");
-    assert!(error.to_string().contains("WRONGTYPE"), "{error}");
-    assert!(error.to_string().contains("1.5"), "{error}");
-    let fields: Vec<String> = redis::cmd("HKEYS")
-        .arg(key("c10"))
-        .query(&mut s.conn)
-        .unwrap();
-    assert!(!fields.contains(&"t1".to_string()), "{fields:?}");
+    for (i, bad) in ["1.5", "abc", "inf", "1e400"].into_iter().enumerate() {
+        let conversation = format!("c10-{i}");
+        assert_eq!(issue(&mut s, &conversation, "a")[0], 0);
+        let _: () = redis::cmd("HSET")
+            .arg(key(&conversation))
+            .arg("n")
+            .arg(bad)
+            .query(&mut s.conn)
+            .unwrap();
+        let refused: redis::RedisResult<redis::Value> = redis::cmd("FCALL")
+            .arg(format!("{LIBRARY_NAME}_issue"))
+            .arg(1)
+            .arg(key(&conversation))
+            .arg(&["60000", "5000", "b"])
+            .query(&mut s.conn);
+        let error = refused.expect_err(&format!("a counter of {bad} was accepted"));
+        assert!(error.to_string().contains("WRONGTYPE"), "{error}");
+        assert!(
+            error.to_string().contains(&format!("field n holds {bad}")),
+            "{error}"
+        );
+        let fields: Vec<String> = redis::cmd("HKEYS")
+            .arg(key(&conversation))
+            .query(&mut s.conn)
+            .unwrap();
+        assert!(!fields.contains(&"t1".to_string()), "{bad}: {fields:?}");
+    }
 }
 
 /// A snapshot saved back keeps each ticket's request id, so a caller whose
