@@ -128,26 +128,29 @@ local function request_arg(value)
   return value
 end
 
+local NUMBERS = { 'n', 'e', 'h', 's', 'f', 'g' }
+
+-- The record's numbers, by arithmetic: one parse each (tonumber parses a
+-- string twice, and the epoch and fence have 16 digits). Raises on a field
+-- that is not an integer (`% 1` is NaN for an infinity, so that one too);
+-- load then names it.
+local function convert(v, m)
+  for i = 1, 6 do
+    local raw = v[i + 1]
+    if raw then
+      local number = raw + 0
+      if number % 1 ~= 0 then error('not an integer') end
+      m[NUMBERS[i]] = number
+    end
+  end
+end
+
 -- The record, read in one HMGET with any ticket fields the script names in
 -- `extra` (returned in m.extra, in order). Refuses foreign data before
 -- anything is written: a key of another type fails here (WRONGTYPE), and so
 -- does a hash that is not a v2 record or holds a non-number where a number
 -- belongs. m.exists is false when there is no record (no key, or a key made
 -- only by cancel.lua).
-local NUMBERS = { 'n', 'e', 'h', 's', 'f', 'g' }
-
--- The record's numbers, by arithmetic: one parse each (tonumber parses a
--- string twice, and the epoch and fence have 16 digits). Raises on a field
--- that is not a number; load then names it.
-local function convert(v, m)
-  if v[2] then m.n = v[2] + 0 end
-  if v[3] then m.e = v[3] + 0 end
-  if v[4] then m.h = v[4] + 0 end
-  if v[5] then m.s = v[5] + 0 end
-  if v[6] then m.f = v[6] + 0 end
-  if v[7] then m.g = v[7] + 0 end
-end
-
 local function load(key, extra)
   local v
   if extra then
@@ -161,9 +164,7 @@ local function load(key, extra)
   -- Every field named up front, nil or not: the table is sized once.
   local m = { key = key, present = v[1] ~= false, x = v[8] or nil, extra = {},
               n = nil, e = nil, h = nil, s = nil, f = nil, g = nil, exists = nil }
-  -- Integers only (`% 1` is NaN for an infinity, so that is refused too).
-  if not pcall(convert, v, m) or (m.n or 0) % 1 ~= 0 or (m.e or 0) % 1 ~= 0 or (m.h or 0) % 1 ~= 0
-      or (m.s or 0) % 1 ~= 0 or (m.f or 0) % 1 ~= 0 or (m.g or 0) % 1 ~= 0 then
+  if not pcall(convert, v, m) then
     for i = 1, 6 do
       local number = tonumber(v[i + 1] or 0)
       if not number or number % 1 ~= 0 then

@@ -59,7 +59,8 @@ if request ~= '' and m.x then
     return { -1, -1, -1, -1, -1 }
   end
 end
--- Only requests cancelled elsewhere are kept here.
+-- A key made only by cancel.lua (requests cancelled before their issue ran,
+-- none of them this one): the record is made beside them.
 if not m.exists then return create(next_fence(m.f, now_us), false) end
 
 local number = m.n

@@ -29,9 +29,9 @@ for tool in valgrind callgrind_annotate redis-server redis-cli python3; do
 done
 
 work=$(mktemp -d)
-server=""
+# The server's pid goes in a file: count() runs in a subshell.
 cleanup() {
-    if [ -n "$server" ]; then kill "$server" 2>/dev/null || true; fi
+    if [ -f "$work/server.pid" ]; then kill "$(cat "$work/server.pid")" 2>/dev/null || true; fi
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -47,20 +47,22 @@ count() {
     rm -f "$out"
     valgrind --tool=callgrind --callgrind-out-file="$out" --toggle-collect=fcallCommand \
         redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no >"$work/valgrind.log" 2>&1 &
-    server=$!
+    local server=$!
+    echo "$server" >"$work/server.pid"
     for _ in $(seq 100); do
         redis-cli -p "$port" ping >/dev/null 2>&1 && break
         sleep 0.2
     done
     redis-cli -p "$port" -x FUNCTION LOAD REPLACE <"$library" >/dev/null
-    # A refused or failed call shows as "(error)": the figure would be wrong.
-    if redis-cli -p "$port" <"$commands" | grep -m1 -i 'err'; then
+    # An error reply (redis-cli prints "ERR ..." or "WRONGTYPE ...") would make
+    # the figure wrong. (No grep -m1: redis-cli would die of SIGPIPE.)
+    if redis-cli -p "$port" <"$commands" | grep -E '^(ERR|WRONGTYPE|NOSCRIPT)'; then
         echo "scripts/callgrind.sh: a script call failed (above)" >&2
         exit 1
     fi
     redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true
     wait "$server" || true
-    server=""
+    rm -f "$work/server.pid"
     callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ && !done { gsub(",", "", $1); print $1; done = 1 }'
 }
 
