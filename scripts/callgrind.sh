@@ -56,7 +56,7 @@ count() {
     redis-cli -p "$port" -x FUNCTION LOAD REPLACE <"$library" >/dev/null
     # An error reply (redis-cli prints "ERR ..." or "WRONGTYPE ...") would make
     # the figure wrong. (No grep -m1: redis-cli would die of SIGPIPE.)
-    if redis-cli -p "$port" <"$commands" | grep -E '^(ERR|WRONGTYPE|NOSCRIPT)'; then
+    if redis-cli -p "$port" <"$commands" | grep -E '^(ERR|WRONGTYPE|NOSCRIPT)' >&2; then
         echo "scripts/callgrind.sh: a script call failed (above)" >&2
         exit 1
     fi
